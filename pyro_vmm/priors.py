@@ -1,0 +1,460 @@
+r"""The four latent priors of pyro-vmm, as Pyro programs (math only, no I/O).
+
+Notation follows Stirn & Knowles (2024), "The VampPrior Mixture Model": ``D`` latent dimensions, ``K`` components
+(an upper bound on the number of clusters), ``B`` cells/images in the current minibatch.
+
+``normal``
+    :math:`p(z) = \mathcal N(0, I)`.
+``vampprior``
+    :math:`p(z) = \frac1K\sum_k q_\phi(z \mid u_k)`, pseudo-inputs :math:`u_k` trained with the encoder (VI step).
+``gmm``
+    truncated DP-GMM fitted by MAP-EM:
+
+    .. math::
+        \alpha \sim \mathrm{Gamma}(1, 1),\quad \pi \sim \mathrm{Dir}\big(\tfrac{1}{K\alpha}\mathbf 1_K\big),\quad
+        \mu_k \sim \mathcal N(0, I),\quad \Lambda_k = L_k L_k^\top \sim \mathcal W\big(D+2, \tfrac{K^{2/D}}{D+2} I\big),\\
+        c \sim \mathrm{Cat}(\pi),\quad z \mid c \sim \mathcal N(\mu_c, \Lambda_c^{-1}).
+``vmm``
+    as ``gmm`` but :math:`\mu_k \sim q_\phi(\mu \mid u_k) = \mathcal N(m_k, S_k)` (VampPrior pseudo-inputs pushed
+    through the encoder).  The ELBO uses the predictive components :math:`\mathcal N(m_k, \Lambda_k^{-1} + S_k)`;
+    the EM step and cluster assignment use the expected log-likelihood
+
+    .. math::
+        \ell_k(z) = \mathbb E_{q(\mu_k|u_k)} \log \mathcal N(z \mid \mu_k, \Lambda_k^{-1})
+                  = \log \mathcal N(z \mid m_k, \Lambda_k^{-1}) - \tfrac12 \operatorname{tr}(\Lambda_k S_k),
+
+    and the mean hyperprior enters in expectation,
+    :math:`\mathbb E_q \log \mathcal N(\mu_k|0,I) = -\tfrac D2\log 2\pi - \tfrac12\|m_k\|^2 - \tfrac12\operatorname{tr} S_k`.
+
+Every prior exposes
+
+* :meth:`LatentPrior.latent_dist` -- the distribution of the ``z`` site in a model's Pyro program (ELBO step);
+* :meth:`LatentPrior.em_model` -- the Pyro program of the EM step (cluster variable ``c`` enumerated in parallel,
+  hyperpriors as observed/factor sites, everything scaled by ``1/B`` as in the paper);
+* :meth:`LatentPrior.cluster_probs` -- :math:`q(c \mid z)`.
+
+Prior parameters are :class:`pyro.nn.PyroParam` attributes (constrained MAP parameters), so they live in the
+module's ``state_dict``, save/load and move devices with it.  Encoders are *not* owned by a prior: priors that need
+pseudo-input posteriors take ``encoder``, a callable ``u -> q(mu | u)`` supplied by the model at call time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+from pyro.ops.indexing import Vindex
+from torch import Tensor
+
+__all__ = [
+    "PRIORS",
+    "GaussianMixturePrior",
+    "LatentPrior",
+    "MixtureParams",
+    "PseudoEncoder",
+    "StandardNormalPrior",
+    "VampPrior",
+    "VampPriorMixture",
+    "build_prior",
+    "dirichlet_log_prob_logits",
+    "expected_normal_log_prob",
+    "gaussian_expected_log_lik",
+    "wishart_log_prob_cholesky",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+#: diagonal shift added to the precision Cholesky factors (the reference's FillScaleTriL default)
+DIAG_SHIFT = 1e-5
+
+#: ``u -> q(mu | u)``: a distribution with batch shape ``(K,)`` and event shape ``(D,)``
+PseudoEncoder = Callable[[Tensor], torch.distributions.Distribution]
+Inference = Literal["map-dp", "map", "mle"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyperprior log-densities (exact, normalised; evaluated in the parameterisation used, without Jacobians)
+# ----------------------------------------------------------------------------------------------------------------
+def dirichlet_log_prob_logits(log_pi: Tensor, concentration: Tensor | float) -> Tensor:
+    r""":math:`\log \mathrm{Dir}(\pi \mid c \mathbf 1_K)` evaluated from :math:`\log \pi` (stable when some
+    :math:`\pi_k` underflow):  :math:`\sum_k (c-1)\log\pi_k + \log\Gamma(Kc) - K\log\Gamma(c)`."""
+    k = log_pi.shape[-1]
+    c = torch.as_tensor(concentration, dtype=log_pi.dtype, device=log_pi.device)
+    return ((c - 1.0) * log_pi).sum(-1) + torch.lgamma(k * c) - k * torch.lgamma(c)
+
+
+def wishart_log_prob_cholesky(prec_tril: Tensor, df: float, scale: float) -> Tensor:
+    r""":math:`\log \mathcal W(\Lambda \mid \nu, V=vI)` at :math:`\Lambda = LL^\top`, per leading index.
+
+    .. math:: \tfrac{\nu-D-1}2 \log|\Lambda| - \tfrac1{2v}\operatorname{tr}\Lambda
+              - \tfrac{\nu D}2 \log(2v) - \log\Gamma_D(\tfrac\nu2)
+
+    with :math:`\log|\Lambda| = 2\sum_i \log L_{ii}` and :math:`\operatorname{tr}\Lambda = \|L\|_F^2`.
+    The density is that of the matrix :math:`\Lambda` (no Cholesky Jacobian), as in the reference code."""
+    d = prec_tril.shape[-1]
+    log_det = 2.0 * prec_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    trace = prec_tril.pow(2).sum((-2, -1))
+    log_norm = 0.5 * df * d * math.log(2.0 * scale) + torch.special.multigammaln(
+        torch.tensor(0.5 * df, dtype=prec_tril.dtype), d
+    ).to(prec_tril.device)
+    return 0.5 * (df - d - 1.0) * log_det - 0.5 * trace / scale - log_norm
+
+
+def expected_normal_log_prob(loc: Tensor, cov: Tensor) -> Tensor:
+    r""":math:`\mathbb E_{\mu \sim \mathcal N(m, S)} \log \mathcal N(\mu \mid 0, I)
+    = -\tfrac D2 \log 2\pi - \tfrac12 \|m\|^2 - \tfrac12 \operatorname{tr} S`, per leading index."""
+    d = loc.shape[-1]
+    return -0.5 * d * LOG_2PI - 0.5 * loc.pow(2).sum(-1) - 0.5 * cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def gaussian_expected_log_lik(z: Tensor, loc: Tensor, prec_tril: Tensor, loc_cov: Tensor | None = None) -> Tensor:
+    r"""Component log-likelihoods :math:`\ell_{nk}`, shape ``z.shape[:-1] + (K,)``.
+
+    .. math:: \ell_{nk} = \tfrac12\log|\Lambda_k| - \tfrac D2\log 2\pi - \tfrac12 (z_n - m_k)^\top\Lambda_k(z_n - m_k)
+              - \tfrac12\operatorname{tr}(\Lambda_k S_k)
+
+    ``loc_cov`` is :math:`S_k` (VMM); ``None`` drops the trace term (GMM: :math:`\log\mathcal N(z|\mu_k,\Lambda_k^{-1})`).
+    """
+    d = z.shape[-1]
+    diff = z.unsqueeze(-2) - loc  # (..., K, D)
+    maha = torch.einsum("...kd,kde->...ke", diff, prec_tril).pow(2).sum(-1)  # ||L_k^T (z - m_k)||^2
+    log_det = 2.0 * prec_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    out = 0.5 * log_det - 0.5 * d * LOG_2PI - 0.5 * maha
+    if loc_cov is not None:
+        precision = prec_tril @ prec_tril.transpose(-1, -2)
+        out = out - 0.5 * (precision * loc_cov).sum((-2, -1))
+    return out
+
+
+def _mean_cov(q: torch.distributions.Distribution) -> tuple[Tensor, Tensor]:
+    """Mean and full covariance of a Gaussian ``q`` (diagonal ``Normal.to_event(1)`` or ``MultivariateNormal``)."""
+    if isinstance(q, torch.distributions.MultivariateNormal):
+        return q.loc, q.covariance_matrix
+    if isinstance(q, torch.distributions.Independent) and isinstance(q.base_dist, torch.distributions.Normal):
+        return q.base_dist.loc, torch.diag_embed(q.base_dist.scale.pow(2))
+    raise TypeError(
+        f"pseudo-input encoder returned {type(q).__name__}; expected MultivariateNormal or Normal(...).to_event(1)"
+    )
+
+
+@dataclass(frozen=True)
+class MixtureParams:
+    """Current mixture parameters (constrained values, on the prior's device)."""
+
+    log_pi: Tensor  #: (K,) log mixture weights
+    loc: Tensor  #: (K, D) component means (GMM: mu_k; VMM: m_k)
+    prec_tril: Tensor  #: (K, D, D) Cholesky factors L_k of the precisions Lambda_k = L_k L_k^T
+    loc_cov: Tensor | None = None  #: (K, D, D) S_k, covariance of q(mu_k | u_k) (VMM only)
+
+    def predictive_components(self) -> dist.MultivariateNormal:
+        r""":math:`\mathcal N(m_k, \Lambda_k^{-1} + S_k)` (GMM: :math:`S_k = 0`), batch shape ``(K,)``."""
+        cov = torch.cholesky_inverse(self.prec_tril)
+        if self.loc_cov is not None:
+            cov = cov + self.loc_cov
+        return dist.MultivariateNormal(self.loc, scale_tril=torch.linalg.cholesky(cov))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Priors
+# ----------------------------------------------------------------------------------------------------------------
+class LatentPrior(PyroModule):
+    """Base class: a prior over the ``D``-dimensional latent ``z`` with ``K`` components."""
+
+    name: str = ""
+
+    def __init__(self, n_latent: int, n_components: int) -> None:
+        super().__init__()
+        if int(n_latent) < 1:
+            raise ValueError(f"n_latent must be >= 1, got {n_latent}; pass a positive latent dimension.")
+        if int(n_components) < 1:
+            raise ValueError(f"n_components (K) must be >= 1, got {n_components}; pass K >= 1.")
+        self.n_latent = int(n_latent)
+        self.n_components = int(n_components)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries device and dtype
+
+    # -- the two Pyro programs ----------------------------------------------------------------------------------
+    def latent_dist(self, encoder: PseudoEncoder | None = None) -> torch.distributions.Distribution:
+        """The marginal prior p(z) used at the model's ``z`` site (batch shape ``()``, event ``(D,)``)."""
+        raise NotImplementedError
+
+    def em_model(self, z: Tensor, encoder: PseudoEncoder | None = None) -> None:
+        """Pyro program of the empirical-Bayes step (default: nothing to fit)."""
+
+    # -- clustering ----------------------------------------------------------------------------------------------
+    def cluster_logits(self, z: Tensor, encoder: PseudoEncoder | None = None) -> Tensor:
+        """Unnormalised log q(c = k | z), shape ``z.shape[:-1] + (K,)``."""
+        return z.new_zeros(z.shape[:-1] + (self.n_components,))
+
+    def cluster_probs(self, z: Tensor, encoder: PseudoEncoder | None = None) -> Tensor:
+        """Responsibilities q(c | z), rows sum to 1."""
+        return torch.softmax(self.cluster_logits(z, encoder), dim=-1)
+
+    def assign(self, z: Tensor, encoder: PseudoEncoder | None = None) -> Tensor:
+        """Hard assignments argmax_k q(c = k | z)."""
+        return self.cluster_logits(z, encoder).argmax(-1)
+
+    # -- parameter ownership -------------------------------------------------------------------------------------
+    @property
+    def has_em_step(self) -> bool:
+        return any(True for _ in self.em_parameters())
+
+    def em_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Parameters fitted by the EM step (all others belong to the VI step)."""
+        return iter(())
+
+    @property
+    def uses_encoder(self) -> bool:
+        """True when the prior needs the pseudo-input encoder ``u -> q(mu | u)``."""
+        return False
+
+    def extra_repr(self) -> str:
+        return f"D={self.n_latent}, K={self.n_components}"
+
+
+class StandardNormalPrior(LatentPrior):
+    r""":math:`p(z) = \mathcal N(0, I)`; one "cluster"."""
+
+    name = "normal"
+
+    def __init__(self, n_latent: int, n_components: int = 1) -> None:
+        super().__init__(n_latent, 1)
+
+    def latent_dist(self, encoder: PseudoEncoder | None = None) -> torch.distributions.Distribution:
+        zero = self._anchor.expand(self.n_latent)
+        return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+
+
+class VampPrior(LatentPrior):
+    r""":math:`p(z) = \frac1K \sum_k q_\phi(z \mid u_k)`; pseudo-inputs are trained by the VI step."""
+
+    name = "vampprior"
+
+    def __init__(self, n_latent: int, n_components: int, pseudo_inputs: Tensor) -> None:
+        super().__init__(n_latent, n_components)
+        _check_pseudo_inputs(pseudo_inputs, n_components)
+        self.pseudo_inputs = PyroParam(_as_float(pseudo_inputs))
+
+    @property
+    def uses_encoder(self) -> bool:
+        return True
+
+    def _components(self, encoder: PseudoEncoder | None) -> torch.distributions.Distribution:
+        if encoder is None:
+            raise ValueError("the VampPrior needs the pseudo-input encoder: pass encoder=model.pseudo_posterior")
+        return encoder(self.pseudo_inputs)
+
+    def latent_dist(self, encoder: PseudoEncoder | None = None) -> torch.distributions.Distribution:
+        comps = self._components(encoder)
+        logits = self._anchor.new_zeros(self.n_components)
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), comps)
+
+    def cluster_logits(self, z: Tensor, encoder: PseudoEncoder | None = None) -> Tensor:
+        return self._components(encoder).log_prob(z.unsqueeze(-2))
+
+
+class _MixturePrior(LatentPrior):
+    """Shared parts of the GMM and the VMM: weights, precisions, concentration and the EM program."""
+
+    def __init__(self, n_latent: int, n_components: int, inference: Inference = "map-dp") -> None:
+        super().__init__(n_latent, n_components)
+        if inference not in ("map-dp", "map", "mle"):
+            raise ValueError(f"inference must be 'map-dp', 'map' or 'mle', got {inference!r}")
+        self.inference = inference
+        k, d = self.n_components, self.n_latent
+        self.logits = PyroParam(torch.zeros(k))
+        self.prec_tril_raw = PyroParam(
+            torch.eye(d).expand(k, d, d).clone(), constraint=constraints.softplus_lower_cholesky
+        )
+        self.alpha = PyroParam(torch.tensor(1.0), constraint=constraints.softplus_positive)
+
+    # constants of the hyperpriors
+    @property
+    def wishart_df(self) -> float:
+        return self.n_latent + 2.0
+
+    @property
+    def wishart_scale(self) -> float:
+        """v in V = v I: K^{2/D} / (D + 2), so that E[Lambda_k] = K^{2/D} I."""
+        return self.n_components ** (2.0 / self.n_latent) / (self.n_latent + 2.0)
+
+    @property
+    def prec_tril(self) -> Tensor:
+        """L_k, lower-triangular with positive diagonal (softplus + 1e-5)."""
+        eye = torch.eye(self.n_latent, device=self._anchor.device, dtype=self._anchor.dtype)
+        return self.prec_tril_raw + DIAG_SHIFT * eye
+
+    def em_parameters(self) -> Iterator[torch.nn.Parameter]:
+        names = ["logits_unconstrained", "prec_tril_raw_unconstrained", *self._mean_parameter_names()]
+        if self.inference == "map-dp":
+            names.append("alpha_unconstrained")
+        return (getattr(self, n) for n in names)
+
+    def _mean_parameter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def mixture_params(self, encoder: PseudoEncoder | None = None) -> MixtureParams:
+        raise NotImplementedError
+
+    def mean_hyperprior(self, params: MixtureParams) -> None:
+        """Pyro sites of the hyperprior on the component means."""
+        raise NotImplementedError
+
+    # -- ELBO step -----------------------------------------------------------------------------------------------
+    def latent_dist(self, encoder: PseudoEncoder | None = None) -> torch.distributions.Distribution:
+        p = self.mixture_params(encoder)
+        return dist.MixtureSameFamily(dist.Categorical(logits=p.log_pi), p.predictive_components())
+
+    # -- EM step ----------------------------------------------------------------------------------------------------
+    def hyperprior(self, params: MixtureParams) -> None:
+        """Hyperprior sites: alpha ~ Gamma(1,1) (MAP-DP), pi ~ Dir(1/(K alpha)), Lambda_k ~ W, mean prior."""
+        if self.inference == "mle":
+            return
+        k = self.n_components
+        alpha = self.alpha
+        if self.inference == "map-dp":
+            pyro.sample("alpha", dist.Gamma(alpha.new_tensor(1.0), alpha.new_tensor(1.0)), obs=alpha)
+        else:
+            alpha = alpha.detach()
+        pyro.factor("pi", dirichlet_log_prob_logits(params.log_pi, 1.0 / (k * alpha)))
+        pyro.factor("precision", wishart_log_prob_cholesky(params.prec_tril, self.wishart_df, self.wishart_scale).sum())
+        self.mean_hyperprior(params)
+
+    def em_model(
+        self, z: Tensor, encoder: PseudoEncoder | None = None, attach_responsibilities: bool = False
+    ) -> None:
+        r"""Generative program of the EM step, for ``TraceEnum_ELBO`` (``max_plate_nesting=1``).
+
+        Given ``z`` (B, D) drawn from the guide without gradient, the enumerated loss is
+
+        .. math:: -\frac1B\Big[\sum_n \log\sum_k \pi_k e^{\ell_{nk}} + \log p(\alpha) + \log p(\pi\mid\alpha)
+                  + \sum_k \log p(\Lambda_k) + \sum_k \log p(\mu_k)\Big],
+
+        whose gradient is the EM gradient (responsibilities held fixed).  ``attach_responsibilities=True`` adds
+        :math:`\sum_n \sum_k r_{nk}\log r_{nk}` and reproduces the reference code's objective
+        :math:`\sum_n\sum_k r_{nk}(\ell_{nk} + \log\pi_k)` with :math:`r` left on the graph.
+        """
+        params = self.mixture_params(encoder)
+        b = z.shape[0]
+        with poutine.scale(scale=1.0 / b):
+            self.hyperprior(params)
+            ell = gaussian_expected_log_lik(z, params.loc, params.prec_tril, params.loc_cov)  # (B, K)
+            with pyro.plate("data", b):
+                c = pyro.sample("c", dist.Categorical(logits=params.log_pi), infer={"enumerate": "parallel"})
+                pyro.factor("z_given_c", Vindex(ell)[..., c])
+                if attach_responsibilities:
+                    r = torch.softmax(ell + params.log_pi, -1)
+                    pyro.factor("neg_entropy", (r * r.clamp_min(1e-30).log()).sum(-1))
+
+    def cluster_logits(self, z: Tensor, encoder: PseudoEncoder | None = None) -> Tensor:
+        p = self.mixture_params(encoder)
+        return gaussian_expected_log_lik(z, p.loc, p.prec_tril, p.loc_cov) + p.log_pi
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, inference={self.inference!r}"
+
+
+class GaussianMixturePrior(_MixturePrior):
+    r"""Truncated DP-GMM: free means :math:`\mu_k \sim \mathcal N(0, I)` (initialised from the prior)."""
+
+    name = "gmm"
+
+    def __init__(self, n_latent: int, n_components: int, inference: Inference = "map-dp") -> None:
+        super().__init__(n_latent, n_components, inference)
+        self.loc = PyroParam(torch.randn(self.n_components, self.n_latent))
+
+    def _mean_parameter_names(self) -> list[str]:
+        return ["loc_unconstrained"]
+
+    def mixture_params(self, encoder: PseudoEncoder | None = None) -> MixtureParams:
+        return MixtureParams(torch.log_softmax(self.logits, -1), self.loc, self.prec_tril)
+
+    def mean_hyperprior(self, params: MixtureParams) -> None:
+        zero = torch.zeros_like(params.loc)
+        pyro.sample("mu", dist.Normal(zero, torch.ones_like(zero)).to_event(2), obs=params.loc)
+
+
+class VampPriorMixture(_MixturePrior):
+    r"""The VMM: means :math:`\mu_k \sim q_\phi(\mu \mid u_k)` with pseudo-inputs :math:`u_k` fitted by EM."""
+
+    name = "vmm"
+
+    def __init__(
+        self, n_latent: int, n_components: int, pseudo_inputs: Tensor, inference: Inference = "map-dp"
+    ) -> None:
+        super().__init__(n_latent, n_components, inference)
+        _check_pseudo_inputs(pseudo_inputs, n_components)
+        self.pseudo_inputs = PyroParam(_as_float(pseudo_inputs))
+
+    @property
+    def uses_encoder(self) -> bool:
+        return True
+
+    def _mean_parameter_names(self) -> list[str]:
+        return ["pseudo_inputs_unconstrained"]
+
+    def mixture_params(self, encoder: PseudoEncoder | None = None) -> MixtureParams:
+        if encoder is None:
+            raise ValueError("the VMM needs the pseudo-input encoder: pass encoder=model.pseudo_posterior")
+        q = encoder(self.pseudo_inputs)
+        loc, cov = _mean_cov(q)
+        if loc.shape != (self.n_components, self.n_latent):
+            raise ValueError(
+                f"encoder(pseudo_inputs) has mean shape {tuple(loc.shape)}, expected ({self.n_components}, "
+                f"{self.n_latent}); the encoder's latent size must equal n_latent"
+            )
+        return MixtureParams(torch.log_softmax(self.logits, -1), loc, self.prec_tril, cov)
+
+    def mean_hyperprior(self, params: MixtureParams) -> None:
+        assert params.loc_cov is not None
+        pyro.factor("mu", expected_normal_log_prob(params.loc, params.loc_cov).sum())
+
+
+def _as_float(x: Tensor) -> Tensor:
+    x = x.detach().clone()
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
+def _check_pseudo_inputs(pseudo_inputs: Tensor | None, n_components: int) -> None:
+    if pseudo_inputs is None:
+        raise ValueError("this prior needs pseudo_inputs: a tensor of shape (K, ...) in the encoder's input space")
+    if pseudo_inputs.shape[0] != n_components:
+        raise ValueError(f"pseudo_inputs has {pseudo_inputs.shape[0]} rows but K = {n_components}")
+
+
+PRIORS: dict[str, type[LatentPrior]] = {
+    "normal": StandardNormalPrior,
+    "vampprior": VampPrior,
+    "gmm": GaussianMixturePrior,
+    "vmm": VampPriorMixture,
+}
+
+
+def build_prior(
+    name: str,
+    n_latent: int,
+    n_components: int = 100,
+    pseudo_inputs: Tensor | None = None,
+    inference: Inference = "map-dp",
+) -> LatentPrior:
+    """Build a prior by name: ``'normal' | 'vampprior' | 'gmm' | 'vmm'``.
+
+    ``pseudo_inputs`` (K, ...) are required by ``vampprior`` and ``vmm`` (initial values in the encoder's raw input
+    parameterisation); ``inference`` applies to ``gmm`` and ``vmm``.
+    """
+    key = name.lower()
+    if key not in PRIORS:
+        raise ValueError(f"unknown prior {name!r}; choose one of {sorted(PRIORS)}")
+    if key == "normal":
+        return StandardNormalPrior(n_latent)
+    if key == "vampprior":
+        return VampPrior(n_latent, n_components, pseudo_inputs)  # type: ignore[arg-type]
+    if key == "gmm":
+        return GaussianMixturePrior(n_latent, n_components, inference)
+    return VampPriorMixture(n_latent, n_components, pseudo_inputs, inference)  # type: ignore[arg-type]

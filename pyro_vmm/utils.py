@@ -1,0 +1,67 @@
+"""Small helpers shared by models, training loops and the command line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_path", "eval_mode", "resolve_device", "set_seed"]
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Temporarily put modules in eval mode (BatchNorm running stats, no dropout), restoring their flags after."""
+    states = [[(m, m.training) for m in mod.modules()] for mod in modules]
+    for mod in modules:
+        mod.eval()
+    try:
+        yield
+    finally:
+        for group in states:
+            for m, flag in group:
+                m.training = flag
+
+
+def set_seed(seed: int | None) -> None:
+    """Seed Python, NumPy, torch and Pyro so that a CPU run is repeatable.  ``None`` leaves the RNGs alone."""
+    if seed is None:
+        return
+    import pyro
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``'auto'`` picks CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
+
+    Readers never see a half-written file, and a failed write leaves any previous file untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
