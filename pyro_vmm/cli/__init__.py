@@ -1,0 +1,52 @@
+"""The ``pyro-vmm`` command line: one entry point, one subcommand per job.
+
+    pyro-vmm scrna  --data FILE.h5ad --batch-key batch --labels-key cell_type --prior vmm --out runs/kang
+    pyro-vmm images --dataset digits --prior vmm --out runs/digits
+    pyro-vmm images-sweep ...
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``; heavy imports happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+
+#: subcommand modules (each defines ``add_parser(subparsers) -> None`` that sets ``func``)
+SUBCOMMANDS = ("pyro_vmm.cli.scrna", "pyro_vmm.cli.images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro-vmm",
+        description="The VampPrior Mixture Model: integrate and cluster single-cell data, or cluster images.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = import_module(name)
+        except ModuleNotFoundError as err:  # a subcommand module not written yet
+            if err.name != name:
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # bad input: one clear line, no traceback
+        print(f"pyro-vmm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
