@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, TraceMeanField_ELBO
@@ -74,6 +75,8 @@ class AlternatingSVI:
         Use the reference code's EM objective (responsibilities left on the graph) instead of textbook EM.
     make_optimizers
         Build the two Adam optimisers (turn off when an outer loop, e.g. Lightning, owns them).
+    validate_em
+        Run Pyro's distribution validation in the EM step (off by default: it is library code, and costly).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class AlternatingSVI:
         latent_site: str = "z",
         attach_responsibilities: bool = False,
         make_optimizers: bool = True,
+        validate_em: bool = False,
     ) -> None:
         prior = getattr(module, "prior", None)
         if not isinstance(prior, LatentPrior):
@@ -100,6 +104,7 @@ class AlternatingSVI:
         self.adam_eps = float(adam_eps)
         self.latent_site = latent_site
         self.attach_responsibilities = attach_responsibilities
+        self.validate_em = validate_em
         self.elbo = elbo if elbo is not None else TraceMeanField_ELBO()
         self.em_elbo = TraceEnum_ELBO(max_plate_nesting=1)
         self.optimizers = self.build_optimizers() if make_optimizers else None
@@ -137,10 +142,15 @@ class AlternatingSVI:
         return self.em_loss_at(z)
 
     def em_loss_at(self, z: torch.Tensor) -> torch.Tensor:
-        """EM loss at given latent samples ``z`` (B, D)."""
-        return self.em_elbo.differentiable_loss(
-            self.prior.em_model, _empty_guide, z, self.pseudo_encoder, self.attach_responsibilities
-        )
+        """EM loss at given latent samples ``z`` (B, D).
+
+        Pyro's distribution validation is switched off here: the EM program is fixed library code whose sites are
+        checked by the test-suite, and validation roughly doubles the cost of this small step.
+        """
+        with pyro.validation_enabled(self.validate_em):
+            return self.em_elbo.differentiable_loss(
+                self.prior.em_model, _empty_guide, z, self.pseudo_encoder, self.attach_responsibilities
+            )
 
     # -- one alternating step ---------------------------------------------------------------------------------------
     def _optimizers(self) -> tuple[torch.optim.Optimizer | None, torch.optim.Optimizer | None]:

@@ -40,6 +40,7 @@ pseudo-input posteriors take ``encoder``, a callable ``u -> q(mu | u)`` supplied
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,10 +102,14 @@ def wishart_log_prob_cholesky(prec_tril: Tensor, df: float, scale: float) -> Ten
     d = prec_tril.shape[-1]
     log_det = 2.0 * prec_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     trace = prec_tril.pow(2).sum((-2, -1))
-    log_norm = 0.5 * df * d * math.log(2.0 * scale) + torch.special.multigammaln(
-        torch.tensor(0.5 * df, dtype=prec_tril.dtype), d
-    ).to(prec_tril.device)
+    log_norm = 0.5 * df * d * math.log(2.0 * scale) + _multigammaln(0.5 * df, d)
     return 0.5 * (df - d - 1.0) * log_det - 0.5 * trace / scale - log_norm
+
+
+@functools.lru_cache(maxsize=64)
+def _multigammaln(a: float, d: int) -> float:
+    """log Gamma_d(a), cached: the Wishart normaliser is a constant of (df, D)."""
+    return float(torch.special.multigammaln(torch.tensor(a, dtype=torch.float64), d))
 
 
 def expected_normal_log_prob(loc: Tensor, cov: Tensor) -> Tensor:
