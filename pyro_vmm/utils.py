@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "eval_mode", "resolve_device", "set_seed"]
+__all__ = ["atomic_path", "eval_mode", "inverse_softplus", "resolve_device", "set_seed"]
 
 
 @contextlib.contextmanager
@@ -27,6 +27,15 @@ def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
         for group in states:
             for m, flag in group:
                 m.training = flag
+
+
+def inverse_softplus(y: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    """Stable :math:`\mathrm{softplus}^{-1}(y) = y + \log(1 - e^{-y})` for ``y >= floor`` (values below are clamped).
+
+    Used to initialise softplus-parameterised pseudo-inputs from counts (``log(expm1(y))`` overflows for y > 88).
+    """
+    y = y.clamp_min(floor)
+    return y + torch.log(-torch.expm1(-y))
 
 
 def set_seed(seed: int | None) -> None:

@@ -15,7 +15,8 @@ from torch import nn
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per xdist worker: OpenMP threads oversubscribing 2 cores make every op crawl
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -223,3 +223,12 @@ def test_prior_parameters_live_in_state_dict_and_follow_the_module():
     prior2.load_state_dict(prior.state_dict())
     torch.testing.assert_close(prior2.pseudo_inputs, prior.pseudo_inputs)
     assert not pyro.get_param_store().keys(), "priors must not write to Pyro's global param store"
+
+
+def test_inverse_softplus_is_stable_and_exact():
+    from pyro_vmm.utils import inverse_softplus
+
+    y = torch.tensor([1e-3, 0.5, 3.0, 50.0, 500.0, 1e5], dtype=torch.float32)
+    u = inverse_softplus(y)
+    assert torch.isfinite(u).all()
+    torch.testing.assert_close(torch.nn.functional.softplus(u), y, rtol=1e-5, atol=1e-6)
