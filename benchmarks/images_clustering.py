@@ -1,0 +1,151 @@
+"""Image clustering benchmark (paper Table 2): VampPrior, VaDE, DP-GMM and VMM (and N(0, I)) on MNIST.
+
+Protocols
+---------
+``--protocol cpu`` (default; fits in about an hour on 2 shared CPU cores) differs from the paper in:
+
+* data: a random 20,000 of the 70,000 MNIST images (seeded), split 6:1 into training / validation images;
+* networks: encoder 256-256-512 (paper 500-500-2000), decoder mirrored;
+* schedule: Adam lr 1e-3 (paper 1e-4), at most 40 epochs, early stopping on the validation ELBO with patience 5
+  (paper: up to 10,000 epochs, patience 100 on the validation NMI -- i.e. on labels, which we never use);
+* VaDE: 5 pre-training epochs (the reference uses round(5 B / 100) = 13).
+
+Unchanged: D = 10, K = 100 (VaDE: 10), batch size 256, prior_lr_ratio 1, full-covariance q(z|x), global learned
+sigma, MAP-DP hyperpriors, one posterior sample per image for the scores, evaluated on every image used
+(training + validation), same split and same network initialisation for every method within a seed.
+
+``--protocol paper``: all 70,000 images (train split for fitting, test split for early stopping), 500-500-2000,
+lr 1e-4, batch 256, K = 100, PLR 1, up to 10,000 epochs with patience 100 on the validation ELBO, VaDE pre-training
+round(5 B / 100) epochs -- a GPU job::
+
+    python benchmarks/images_clustering.py --protocol paper --device cuda --vmm-seeds 0,1,2,3,4,5,6,7,8,9 \\
+        --other-seeds 0,1,2,3,4,5,6,7,8,9
+
+Prints a Table-2-style table (mean +- sd over seeds) and writes ``benchmarks/results/images_clustering.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pyro_vmm.cli.images import fit_and_score, load_split  # noqa: E402
+from pyro_vmm.utils import atomic_path  # noqa: E402
+
+PROTOCOLS = {
+    "cpu": dict(
+        subset=20000, hidden=[256, 256, 512], latent_dim=10, batch_size=256, lr=1e-3, epochs=40, patience=5,
+        vade_pretrain_epochs=5,
+    ),
+    "paper": dict(
+        subset=None, hidden=[500, 500, 2000], latent_dim=10, batch_size=256, lr=1e-4, epochs=10000, patience=100,
+        vade_pretrain_epochs=None,
+    ),
+}
+COLUMNS = ("utilized_clusters", "accuracy", "nmi_merged", "nmi_unmerged", "ari_unmerged")
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="cpu")
+    p.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
+    p.add_argument("--data-dir", default=None, help="idx folder (default ../shared/data/images/<dataset>)")
+    p.add_argument("--methods", default="vmm,gmm,vampprior,vade", help="comma list of vmm,gmm,vampprior,vade,normal")
+    p.add_argument("--vmm-seeds", type=_seeds, default=[0, 1, 2])
+    p.add_argument("--other-seeds", type=_seeds, default=[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "images_clustering.json"))
+    return p.parse_args(argv)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """mean and sd (ddof=1; 0 for one run) of every column, per method."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        stats = {}
+        for col in (*COLUMNS, "epochs_run", "train_seconds"):
+            vals = np.array([r[col] for r in sel], dtype=float)
+            stats[col] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        out[method] = {"runs": len(sel), **stats}
+    return out
+
+
+def format_table(summary: dict) -> str:
+    head = f"{'method':<10} {'runs':>4} {'utilized':>12} {'accuracy':>14} {'NMI merged':>14} {'NMI unmerged':>14}"
+    head += f" {'ARI unmerged':>14} {'epochs':>7} {'min/run':>8}"
+    lines = [head, "-" * len(head)]
+    for method, s in summary.items():
+        cell = lambda c, f: f"{s[c]['mean']:{f}} ± {s[c]['sd']:{f}}"  # noqa: E731
+        lines.append(
+            f"{method:<10} {s['runs']:>4} {cell('utilized_clusters', '5.1f'):>12} {cell('accuracy', '.3f'):>14} "
+            f"{cell('nmi_merged', '.3f'):>14} {cell('nmi_unmerged', '.3f'):>14} {cell('ari_unmerged', '.3f'):>14} "
+            f"{s['epochs_run']['mean']:>7.1f} {s['train_seconds']['mean'] / 60:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    proto = PROTOCOLS[args.protocol]
+    data_dir = args.data_dir or str(REPO.parent / "shared" / "data" / "images" / args.dataset)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows, start = [], time.perf_counter()
+    for seed in sorted(set(args.vmm_seeds) | set(args.other_seeds)):
+        train, val = load_split(args.dataset, data_dir, proto["subset"], seed, download=False)
+        for method in methods:
+            if seed not in (args.vmm_seeds if method == "vmm" else args.other_seeds):
+                continue
+            settings = dict(
+                dataset=args.dataset, prior=method, latent_dim=proto["latent_dim"], hidden=proto["hidden"],
+                n_clusters=10 if method == "vade" else 100, batch_size=proto["batch_size"], lr=proto["lr"],
+                prior_lr_ratio=1.0, epochs=proto["epochs"], patience=proto["patience"], seed=seed,
+                subset=proto["subset"], device=args.device, vade_pretrain_epochs=proto["vade_pretrain_epochs"],
+            )
+            _, result = fit_and_score(settings, train, val, progress=True)
+            row = dict(method=method, seed=seed, **result["scores"], epochs_run=result["history"]["epochs_run"],
+                       stop_reason=result["history"]["stop_reason"], train_seconds=result["train_seconds"])
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    summary = summarise(rows)
+    table = format_table(summary)
+    print()
+    print(table)
+    payload = dict(
+        benchmark="images_clustering",
+        protocol=args.protocol,
+        protocol_settings=proto,
+        dataset=args.dataset,
+        n_images=len(train) + len(val),
+        summary=summary,
+        runs=rows,
+        table=table,
+        command="python benchmarks/images_clustering.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        machine=f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), device {args.device}",
+        date=time.strftime("%Y-%m-%d"),
+        total_minutes=round((time.perf_counter() - start) / 60, 1),
+    )
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {args.out} ({payload['total_minutes']} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""``pyro-vmm images`` and ``pyro-vmm images-sweep``: cluster images with the VAE of ``models/vae.py``.
+
+    pyro-vmm images --dataset digits --prior vmm --out runs/digits
+    pyro-vmm images --dataset mnist --data-dir ../shared/data/images/mnist --subset 20000 --out runs/mnist
+    pyro-vmm images-sweep --dataset digits --batch-sizes 16,32,64,128 --out runs/digits-sweep
+
+``images`` writes ``metrics.json`` (clustering scores on every image used, training history, settings),
+``model.pt`` (``state_dict`` + model config) and ``prior_samples.png`` (paper Figure 2 layout, one row per utilized
+cluster sorted by pi: the cluster's most probable member, then ``round(10 pi_k / max pi)`` decoded draws from its
+predictive component).  ``images-sweep`` trains one model per batch size (and seed) and writes ``sweep.json`` and
+``sweep.png`` (utilized clusters and unmerged NMI against batch size, paper Figure 1).  Labels are used only for
+the reported scores, never for training or early stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PRIOR_CHOICES = ("normal", "vampprior", "gmm", "vmm", "vade")
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """Per-data-set defaults (used for any option left unset on the command line)."""
+
+    latent_dim: int
+    hidden: tuple[int, ...]
+    batch_size: int
+    lr: float
+    epochs: int
+    patience: int
+
+
+#: digits: a small CPU-sized model (D = 2); MNIST / Fashion-MNIST: the paper's networks and schedule (GPU-sized)
+PRESETS = {
+    "digits": DatasetPreset(latent_dim=2, hidden=(128, 128, 256), batch_size=32, lr=1e-3, epochs=60, patience=10),
+    "mnist": DatasetPreset(latent_dim=10, hidden=(500, 500, 2000), batch_size=256, lr=1e-4, epochs=500, patience=20),
+    "fashion_mnist": DatasetPreset(
+        latent_dim=30, hidden=(500, 500, 2000), batch_size=256, lr=1e-4, epochs=500, patience=20
+    ),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=tuple(PRESETS), default="digits", help="data set (default: digits)")
+    p.add_argument("--data-dir", default=None, help="folder with the idx files (default: download + cache)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing idx files")
+    p.add_argument("--subset", type=int, default=None, help="use N random images (train + validation)")
+    p.add_argument("--latent-dim", type=int, default=None, help="D (default: digits 2, MNIST 10, Fashion-MNIST 30)")
+    p.add_argument("--n-clusters", type=int, default=None, help="K, the most clusters (default 100; VaDE 10)")
+    p.add_argument("--hidden", type=_int_list, default=None, help="encoder hidden sizes, e.g. 500,500,2000")
+    p.add_argument("--prior-lr-ratio", type=float, default=1.0, help="EM learning rate / VI learning rate")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the VI step")
+    p.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience on the validation ELBO")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: 1 for digits, else torch's choice)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "images",
+        help="cluster images (digits, MNIST, Fashion-MNIST) with a VAE and one of the priors",
+        description="Train the paper's image VAE with a prior (or VaDE), report clustering scores, save the model "
+        "and a figure of prior predictive samples per utilized cluster.",
+    )
+    p.add_argument("--prior", choices=PRIOR_CHOICES, default="vmm", help="latent prior, or 'vade' (default: vmm)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (tunes the number of clusters)")
+    p.add_argument(
+        "--vade-pretrain-epochs", type=int, default=None, help="VaDE pre-training epochs (default round(5 B / 100))"
+    )
+    _add_common(p)
+    p.set_defaults(func=run_images)
+
+    s = subparsers.add_parser(
+        "images-sweep",
+        help="utilized clusters and NMI against batch size (paper Figure 1)",
+        description="Train one model per batch size and seed; plot utilized clusters and unmerged NMI.",
+    )
+    s.add_argument("--prior", choices=("gmm", "vmm"), default="vmm")
+    s.add_argument("--batch-sizes", type=_int_list, default=[16, 32, 64, 128, 256], help="comma-separated list")
+    s.add_argument("--n-seeds", type=int, default=1, help="seeds per batch size: seed, seed+1, ...")
+    _add_common(s)
+    s.set_defaults(func=run_sweep)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace, batch_size: int | None = None) -> dict:
+    preset = PRESETS[args.dataset]
+    prior = getattr(args, "prior", "vmm")
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    settings = dict(
+        dataset=args.dataset,
+        prior=prior,
+        latent_dim=pick(args.latent_dim, preset.latent_dim),
+        hidden=list(pick(args.hidden, preset.hidden)),
+        n_clusters=pick(args.n_clusters, 10 if prior == "vade" else 100),
+        batch_size=pick(batch_size, pick(getattr(args, "batch_size", None), preset.batch_size)),
+        lr=pick(args.lr, preset.lr),
+        prior_lr_ratio=args.prior_lr_ratio,
+        epochs=pick(args.epochs, preset.epochs),
+        patience=pick(args.patience, preset.patience),
+        seed=args.seed,
+        subset=args.subset,
+        device=args.device,
+        vade_pretrain_epochs=getattr(args, "vade_pretrain_epochs", None),
+    )
+    for key in ("latent_dim", "n_clusters", "batch_size", "epochs"):
+        if settings[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    return settings
+
+
+def load_split(dataset: str, data_dir: str | None, subset: int | None, seed: int, download: bool = True):
+    """(train ImageData, validation ImageData) -- validation images drive early stopping, never their labels.
+
+    digits: a random 10% of the 1,797 images.  MNIST / Fashion-MNIST: the test split (as the reference code), or with
+    ``subset`` a random ``subset`` of all 70,000 images split 6:1.
+    """
+    from ..data.images import ImageData, load_image_dataset
+
+    if dataset == "digits" or subset is not None:
+        data = load_image_dataset(dataset, data_dir, split="all", subset=subset, seed=seed, download=download)
+        n_val = max(1, round(len(data) * (0.1 if dataset == "digits" else 1 / 7)))
+        import torch
+
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        tr, va = perm[n_val:], perm[:n_val]
+        return (
+            ImageData(data.x[tr], data.labels[tr], data.image_shape, data.name),
+            ImageData(data.x[va], data.labels[va], data.image_shape, data.name),
+        )
+    return (
+        load_image_dataset(dataset, data_dir, split="train", seed=seed, download=download),
+        load_image_dataset(dataset, data_dir, split="test", seed=seed, download=download),
+    )
+
+
+def build_model(settings: dict, x_train):
+    from ..models.vade import VaDE
+    from ..models.vae import ImageVAE
+
+    cls = VaDE if settings["prior"] == "vade" else ImageVAE
+    prior = "gmm" if settings["prior"] == "vade" else settings["prior"]
+    return cls.from_data(
+        x_train,
+        prior=prior,
+        n_components=settings["n_clusters"],
+        seed=settings["seed"],
+        n_latent=settings["latent_dim"],
+        hidden=settings["hidden"],
+    )
+
+
+def fit_and_score(settings: dict, train, val, progress: bool = True) -> tuple[object, dict]:
+    """Train one model with ``settings``; return it and a JSON-ready result (scores on train + validation)."""
+    import torch
+
+    from ..image_training import TrainingConfig, evaluate_clustering, train_image_model, train_vade
+    from ..utils import set_seed
+
+    set_seed(settings["seed"])
+    model = build_model(settings, train.x)
+    config = TrainingConfig(
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        prior_lr_ratio=settings["prior_lr_ratio"],
+        patience=settings["patience"],
+        seed=settings["seed"],
+        device=settings["device"],
+        progress=progress,
+    )
+    start = time.perf_counter()
+    if settings["prior"] == "vade":
+        pre = settings.get("vade_pretrain_epochs")
+        history = train_vade(model, train.x, config, x_val=val.x, pretrain_epochs=pre)
+    else:
+        history = train_image_model(model, train.x, config, x_val=val.x)
+    seconds = time.perf_counter() - start
+    x_all, y_all = torch.cat([train.x, val.x]), torch.cat([train.labels, val.labels])
+    scores = evaluate_clustering(model, x_all, y_all, sample=True, seed=settings["seed"])
+    result = dict(
+        settings=settings,
+        scores=scores.to_dict(),
+        n_train=len(train),
+        n_validation=len(val),
+        n_evaluated=int(x_all.shape[0]),
+        train_seconds=round(seconds, 2),
+        history=history.to_dict(),
+    )
+    return model, result
+
+
+def _environment() -> dict:
+    import torch
+
+    return dict(
+        command="pyro-vmm " + " ".join(sys.argv[1:]),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        machine=platform.machine(),
+        cpu_threads=torch.get_num_threads(),
+        date=time.strftime("%Y-%m-%d"),
+    )
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    from ..utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def _prepare(args: argparse.Namespace) -> Path:
+    import torch
+
+    threads = args.threads or (1 if args.dataset == "digits" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------------------------
+def component_distributions(prior, encoder):
+    """``(log_pi (K,), components with batch shape (K,))`` of a prior's marginal p(z)."""
+    import torch
+
+    p_z = prior.latent_dist(encoder)
+    if isinstance(p_z, torch.distributions.MixtureSameFamily):
+        return torch.log_softmax(p_z.mixture_distribution.logits, -1), p_z.component_distribution
+    return torch.zeros(1, device=p_z.mean.device), p_z.expand((1,))
+
+
+def plot_prior_predictive(model, x, probs, image_shape, path, max_rows: int = 40, seed: int = 0) -> int:
+    """Paper Figure 2/4 layout, one row per utilized cluster sorted by pi (at most ``max_rows`` rows).
+
+    Column 0: the cluster's most probable member :math:`\\arg\\max_n q(c=k|z_n)` with :math:`\\pi_k` printed under it;
+    then ``round(10 pi_k / max pi)`` decoded draws from the cluster's predictive component.  Returns the number of
+    utilized clusters.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from ..utils import atomic_path, eval_mode
+
+    used = np.unique(probs.argmax(1))
+    gen_state = torch.random.fork_rng(devices=[])
+    with torch.no_grad(), eval_mode(model), gen_state:
+        torch.manual_seed(seed)
+        log_pi, comps = component_distributions(model.prior, model.pseudo_encoder)
+        pi = log_pi.exp().cpu().numpy()
+        order = used[np.argsort(-pi[used], kind="stable")][:max_rows]
+        n_draws = {int(k): max(1, int(round(10 * pi[k] / pi[used].max()))) for k in order}
+        draws = comps.sample((max(n_draws.values()),))  # (S, K, D)
+        images = model.decode(draws).clamp(-1, 1).cpu().numpy()  # (S, K, P)
+    members = x[probs.argmax(0)].cpu().numpy()  # (K, P): most probable member of every cluster
+    n_cols = 1 + max(n_draws.values())
+    height = 0.62 * len(order) + 0.6
+    fig, axes = plt.subplots(len(order), n_cols, figsize=(0.6 * n_cols + 0.6, height), squeeze=False)
+    for row, k in enumerate(order):
+        for col in range(n_cols):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(col == 0)
+            img = members[k] if col == 0 else (images[col - 1, k] if col <= n_draws[int(k)] else None)
+            if img is None:
+                ax.axis("off")
+                continue
+            ax.imshow(img.reshape(image_shape), cmap="gray_r", vmin=-1, vmax=1)
+        axes[row, 0].set_ylabel(f"{pi[k]:.3f}", rotation=0, ha="right", va="center", fontsize=7)
+    title = f"{model.prior.name}: {len(used)} utilized clusters (rows, by pi; first column: most probable member)"
+    if len(used) > len(order):
+        title += f"; top {len(order)} shown"
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.3 / height))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return int(len(used))
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+    """Utilized clusters and unmerged NMI (mean and every seed) against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..utils import atomic_path
+
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, label in zip(axes, ("utilized_clusters", "nmi_unmerged"), ("utilized clusters", "NMI (unmerged)")):
+        vals = [[r[key] for r in rows if r["batch_size"] == b] for b in sizes]
+        for b, v in zip(sizes, vals):
+            ax.scatter([b] * len(v), v, color="C0", alpha=0.5, s=12)
+        ax.plot(sizes, [np.mean(v) for v in vals], color="C0", marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+    if rows and "n_classes" in rows[0]:
+        axes[0].axhline(rows[0]["n_classes"], color="C3", ls=":", lw=1)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------------------------------
+def run_images(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..image_training import cluster_probabilities
+    from ..utils import atomic_path
+
+    out = _prepare(args)
+    settings = _settings(args)
+    train, val = load_split(args.dataset, args.data_dir, args.subset, args.seed, not args.no_download)
+    model, result = fit_and_score(settings, train, val, progress=not args.no_progress)
+    x_all = torch.cat([train.x, val.x])
+    probs = cluster_probabilities(model, x_all, sample=True, seed=args.seed)
+    plot_prior_predictive(model, x_all, probs, train.image_shape, out / "prior_samples.png", seed=args.seed)
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({"state_dict": model.state_dict(), "config": model.config, "settings": settings}, tmp)
+    result["environment"] = _environment()
+    result["files"] = ["metrics.json", "model.pt", "prior_samples.png"]
+    _write_json(out / "metrics.json", result)
+    s = result["scores"]
+    print(
+        f"{settings['prior']} on {args.dataset} ({result['n_evaluated']} images): utilized clusters "
+        f"{s['utilized_clusters']}, accuracy {s['accuracy']:.3f}, NMI merged {s['nmi_merged']:.3f}, "
+        f"NMI unmerged {s['nmi_unmerged']:.3f}, ARI unmerged {s['ari_unmerged']:.3f} "
+        f"({result['train_seconds']:.0f} s, {result['history']['epochs_run']} epochs) -> {out}"
+    )
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    out = _prepare(args)
+    if args.n_seeds < 1:
+        raise ValueError(f"--n-seeds must be >= 1, got {args.n_seeds}")
+    train, val = load_split(args.dataset, args.data_dir, args.subset, args.seed, not args.no_download)
+    rows = []
+    for batch_size in args.batch_sizes:
+        for seed in range(args.seed, args.seed + args.n_seeds):
+            settings = _settings(args, batch_size=batch_size)
+            settings["seed"] = seed
+            _, result = fit_and_score(settings, train, val, progress=not args.no_progress)
+            s = result["scores"]
+            rows.append(
+                dict(
+                    batch_size=batch_size,
+                    seed=seed,
+                    utilized_clusters=s["utilized_clusters"],
+                    nmi_unmerged=s["nmi_unmerged"],
+                    accuracy=s["accuracy"],
+                    n_classes=int(train.labels.unique().numel()),
+                    epochs_run=result["history"]["epochs_run"],
+                    train_seconds=result["train_seconds"],
+                )
+            )
+            print(
+                f"batch size {batch_size:5d} seed {seed}: {s['utilized_clusters']} clusters, "
+                f"NMI unmerged {s['nmi_unmerged']:.3f}"
+            )
+    title = f"{args.prior} on {args.dataset}: {len(train) + len(val)} images"
+    plot_sweep(rows, out / "sweep.png", title)
+    summary = {}
+    for b in args.batch_sizes:
+        sel = [r for r in rows if r["batch_size"] == b]
+        summary[str(b)] = {
+            key: sum(r[key] for r in sel) / len(sel) for key in ("utilized_clusters", "nmi_unmerged", "accuracy")
+        }
+    best = max(summary, key=lambda b: summary[b]["nmi_unmerged"])
+    payload = dict(
+        settings=_settings(args, batch_size=args.batch_sizes[0]) | {"batch_sizes": args.batch_sizes},
+        runs=rows,
+        mean_by_batch_size=summary,
+        best_batch_size_by_nmi=int(best),
+        environment=_environment(),
+        note="NMI uses labels for reporting only; picking the batch size by it is label-based model selection.",
+    )
+    _write_json(out / "sweep.json", payload)
+    print(f"best batch size by mean unmerged NMI: {best} -> {out}")
+    return 0
+

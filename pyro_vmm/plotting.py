@@ -1,0 +1,225 @@
+"""Figures: MDE embeddings coloured by batch, cell type and prior cluster (paper Figure 3), and the tuning sweep.
+
+Model-independent: every function takes arrays, an AnnData or a DataFrame.  Figures are drawn with matplotlib's
+object API on an Agg canvas (no pyplot, no global backend switch) and, when ``path`` is given, saved atomically.
+
+MDE (minimum-distortion embedding, Agrawal et al. 2021) uses pymde's ``preserve_neighbors`` with the settings of
+the former ``scvi.model.utils.mde`` (removed from scvi-tools 1.4): 2-D, ``Standardized`` constraint, 15 neighbours,
+repulsive fraction 0.7; ``pymde.seed(seed)`` makes it repeatable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["COLUMN_TITLES", "mde_embedding", "mde_figure", "mde_grid", "plot_tuning_sweep"]
+
+#: column titles of the paper's Figure 3, by the obs key coloured in that column
+COLUMN_TITLES = {"batch": "Batch correction", "cell_type": "Bio conservation", "vmm_cluster": "Prior cluster membership"}
+
+
+@contextlib.contextmanager
+def _seeded_eigsh(seed: int) -> Iterator[None]:
+    """pymde's spectral initialisation calls ``scipy.sparse.linalg.eigsh`` without a start vector, so ARPACK's
+    process-global random state makes repeated calls differ; give it a seeded ``v0`` for the duration."""
+    import scipy.sparse.linalg as spla
+
+    original = spla.eigsh
+
+    def eigsh(A, *args, **kwargs):
+        kwargs.setdefault("v0", np.random.default_rng(seed).uniform(-1.0, 1.0, A.shape[0]))
+        return original(A, *args, **kwargs)
+
+    spla.eigsh = eigsh
+    try:
+        yield
+    finally:
+        spla.eigsh = original
+
+
+def mde_embedding(latent, seed: int = 0, device: str = "cpu", n_neighbors: int = 15) -> np.ndarray:
+    """2-D MDE of ``latent`` (N, D) preserving its ``n_neighbors``-NN graph; (N, 2) float32, repeatable per seed."""
+    import torch
+
+    from pyro_vmm._compat import import_pymde
+
+    x = np.asarray(latent, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 3:
+        raise ValueError(f"MDE needs a (cells x dims) latent with at least 3 cells, got shape {x.shape}")
+    pymde = import_pymde()
+    from threadpoolctl import threadpool_limits
+
+    # the L-BFGS fit amplifies last-bit differences, so multi-threaded BLAS/torch reductions would make the picture
+    # differ between runs: one thread for the (seconds-long) fit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1), _seeded_eigsh(seed):
+            pymde.seed(seed)
+            mde = pymde.preserve_neighbors(
+                torch.from_numpy(x),
+                embedding_dim=2,
+                constraint=pymde.Standardized(),
+                repulsive_fraction=0.7,
+                n_neighbors=min(n_neighbors, x.shape[0] - 1),
+                device=device,
+                verbose=False,
+            )
+            emb = mde.embed(verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    return emb.detach().cpu().numpy().astype(np.float32)
+
+
+def _palette(n: int) -> list:
+    """tab20 reordered (dark shades first, then light), cycled: distinct colours for the first 20 groups."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    order = list(tab20[0::2]) + list(tab20[1::2])
+    return [order[i % len(order)] for i in range(n)]
+
+
+def _scatter(ax, xy: np.ndarray, values: pd.Series, title: str, renumber: bool) -> None:
+    """One panel: points coloured by category; clusters renumbered 1..n by size; circles <= 20 groups, then ^."""
+    cats = values.astype(str)
+    order = cats.value_counts().index.tolist() if renumber else sorted(cats.unique(), key=_natural_key)
+    colors = _palette(len(order))
+    for i, cat in enumerate(order):
+        mask = (cats == cat).to_numpy()
+        ax.scatter(
+            xy[mask, 0], xy[mask, 1], s=3, alpha=0.5, color=colors[i], marker="o" if i < 20 else "^",
+            label=str(i + 1) if renumber else cat, rasterized=True, linewidths=0,
+        )
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(order) <= 30:
+        ax.legend(markerscale=4, fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                  ncol=1 + len(order) // 16)
+
+
+def _natural_key(s: str):
+    try:
+        return (0, float(s), s)
+    except ValueError:
+        return (1, 0.0, s)
+
+
+def _save(fig, path) -> None:
+    from pyro_vmm.utils import atomic_path
+
+    fmt = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+
+
+def mde_grid(
+    adata,
+    rows: Mapping[str, tuple[str, Sequence[str]]],
+    path: str | os.PathLike | None = None,
+    seed: int = 0,
+    titles: Mapping[str, str] | None = None,
+):
+    """A grid of MDE scatter plots: one row per embedding, one column per obs key it is coloured by.
+
+    ``rows``: row label -> (obsm key of the embedding, obs keys to colour by).  Columns are titled by
+    :data:`COLUMN_TITLES` (overridable by ``titles``), e.g. the paper's "Batch correction" / "Bio conservation" /
+    "Prior cluster membership"; keys ending in ``cluster`` are renumbered 1..n by cluster size.  The MDE of each
+    embedding is cached in ``adata.obsm[f"{key}_mde"]``.  Returns the matplotlib ``Figure``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    titles = {**COLUMN_TITLES, **(titles or {})}
+    if not rows:
+        raise ValueError("rows is empty: give at least one (embedding key, colour keys) pair")
+    for label, (emb, keys) in rows.items():
+        if emb not in adata.obsm:
+            raise KeyError(f"embedding {emb!r} (row {label!r}) not in adata.obsm; available: {list(adata.obsm)}")
+        for key in keys:
+            if key not in adata.obs:
+                raise KeyError(f"colour key {key!r} not in adata.obs; available: {list(adata.obs.columns)}")
+    n_rows, n_cols = len(rows), max(len(keys) for _, keys in rows.values())
+    fig = Figure(figsize=(4.2 * n_cols, 3.6 * n_rows))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
+    for r, (label, (emb, keys)) in enumerate(rows.items()):
+        cache = f"{emb}_mde"
+        if cache not in adata.obsm or adata.obsm[cache].shape != (adata.n_obs, 2):
+            adata.obsm[cache] = mde_embedding(adata.obsm[emb], seed=seed)
+        xy = np.asarray(adata.obsm[cache])
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(keys):
+                ax.set_axis_off()
+                continue
+            key = keys[c]
+            title = titles.get(key, key) if r == 0 else ""
+            _scatter(ax, xy, adata.obs[key], title, renumber=key.endswith("cluster"))
+            if c == 0 and n_rows > 1:
+                ax.set_ylabel(label)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def mde_figure(
+    adata,
+    embedding_key: str,
+    color_keys: Sequence[str] = ("batch", "cell_type", "vmm_cluster"),
+    path: str | os.PathLike | None = None,
+    seed: int = 0,
+    titles: Mapping[str, str] | None = None,
+):
+    """One row of :func:`mde_grid`: the MDE of ``adata.obsm[embedding_key]`` coloured by each of ``color_keys``."""
+    return mde_grid(adata, {embedding_key: (embedding_key, tuple(color_keys))}, path=path, seed=seed, titles=titles)
+
+
+def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.PathLike | None = None):
+    """Paper Figure 5: utilized clusters and ``score`` (mean +- sd over seeds) vs batch size, one line per PLR.
+
+    ``sweep`` is :func:`pyro_vmm.evaluation.tuning_sweep`'s DataFrame; the dashed line marks the number of cell
+    types (``sweep.attrs["n_labels"]``), filled markers the eligible configurations.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    need = {"batch_size", "prior_lr_ratio", "utilized_clusters", "eligible"}
+    if not need <= set(sweep.columns):
+        raise KeyError(f"sweep lacks columns {sorted(need - set(sweep.columns))}; pass tuning_sweep()'s result")
+    panels = [("utilized_clusters", "Utilized clusters")] + ([(score, score)] if score in sweep else [])
+    fig = Figure(figsize=(4.5 * len(panels), 3.6))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    stats = sweep.groupby(["prior_lr_ratio", "batch_size"]).agg(
+        {**{col: ["mean", "std"] for col, _ in panels}, "eligible": "first"}
+    )
+    colors = _palette(sweep["prior_lr_ratio"].nunique())
+    for ax, (col, name) in zip(axes, panels, strict=True):
+        for i, plr in enumerate(sorted(sweep["prior_lr_ratio"].unique())):
+            s = stats.loc[plr]
+            x = s.index.to_numpy()
+            mean, sd = s[(col, "mean")].to_numpy(float), np.nan_to_num(s[(col, "std")].to_numpy(float))
+            ax.errorbar(x, mean, yerr=sd, color=colors[i], label=f"PLR {plr:g}", capsize=2, lw=1)
+            ok = s[("eligible", "first")].to_numpy(bool)
+            ax.scatter(x[ok], mean[ok], color=colors[i], zorder=3, s=18)
+            ax.scatter(x[~ok], mean[~ok], facecolors="none", edgecolors=colors[i], zorder=3, s=18)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(sweep["batch_size"].unique()))
+        ax.set_xticklabels([str(b) for b in sorted(sweep["batch_size"].unique())])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(name)
+        if col == "utilized_clusters" and "n_labels" in sweep.attrs:
+            ax.axhline(sweep.attrs["n_labels"], color="k", ls="--", lw=0.8, label="cell types")
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig

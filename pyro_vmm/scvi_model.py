@@ -1,0 +1,500 @@
+r"""``VMMSCVI``: scVI with a VampPrior Mixture prior, driven like ``scvi.model.SCVI``.
+
+>>> VMMSCVI.setup_anndata(adata, batch_key="batch")
+>>> model = VMMSCVI(adata, prior="vmm", n_clusters=100)
+>>> model.train(seed=0)
+>>> adata.obsm["X_vmm"] = model.get_latent_representation()         # E_q[z | x]
+>>> adata.obs["vmm_cluster"] = model.get_cluster_assignments()      # argmax_k q(c = k | E_q[z | x])
+
+The Pyro program is :class:`pyro_vmm.models.scvi.VMMSCVIModule`; training alternates one VI step and one EM step per
+minibatch (:class:`pyro_vmm.training_plan.VMMTrainingPlan`).  Minibatches are sliced from the registered count matrix
+held in memory as a tensor (:class:`InMemoryDataSplitter`), with the same train/validation split as scvi-tools'
+``DataSplitter`` (permutation seeded by ``scvi.settings.seed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from scipy import sparse as sp
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.dataloaders import DataSplitter
+from scvi.model._utils import get_max_epochs_heuristic, parse_device_args
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pyro_vmm.models.scvi import VMMSCVIModule
+
+from .infer import AlternatingSVI
+from .training_plan import VMMTrainingPlan
+from .utils import set_seed
+
+__all__ = ["InMemoryDataSplitter", "VMMSCVI"]
+
+logger = logging.getLogger(__name__)
+
+#: above this many bytes a dense copy of the counts is not made; minibatches are densified from CSR instead
+MAX_DENSE_BYTES = 2 * 1024**3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-memory minibatching (no per-step AnnData access)
+# ---------------------------------------------------------------------------------------------------------------
+def registered_arrays(adata_manager: AnnDataManager, indices: np.ndarray | None = None):
+    """Registered counts (dense ndarray or CSR) and batch codes ``(N, 1)`` int64, optionally row-subset."""
+    counts = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+    batch = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).reshape(-1, 1).astype(np.int64)
+    if hasattr(counts, "to_memory"):  # backed / lazy arrays
+        counts = counts.to_memory()
+    if sp.issparse(counts):
+        counts = sp.csr_matrix(counts)
+    elif not isinstance(counts, np.ndarray):
+        counts = np.asarray(counts[:])
+    if indices is not None:
+        counts, batch = counts[indices], batch[indices]
+    return counts, batch
+
+
+class CountsDataset(Dataset):
+    """Counts and batch codes indexed by a tensor of row positions; returns scvi-tools' minibatch dict.
+
+    Counts are a dense float32 tensor (optionally already on the training device) unless that would exceed
+    ``max_dense_bytes``; then a CSR matrix is kept and each minibatch is densified on the fly."""
+
+    def __init__(
+        self,
+        counts,
+        batch: np.ndarray,
+        device: torch.device | str = "cpu",
+        max_dense_bytes: int = MAX_DENSE_BYTES,
+    ) -> None:
+        n, g = counts.shape
+        self.device = torch.device(device)
+        self.dense = n * g * 4 <= max_dense_bytes
+        if self.dense:
+            array = counts.toarray() if sp.issparse(counts) else counts
+            self.counts = torch.as_tensor(np.asarray(array, dtype=np.float32), device=self.device)
+        else:
+            self.counts = sp.csr_matrix(counts, dtype=np.float32)
+        self.batch = torch.as_tensor(batch, dtype=torch.long, device=self.device if self.dense else "cpu")
+
+    def __len__(self) -> int:
+        return int(self.batch.shape[0])
+
+    def __getitem__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.dense:
+            idx = idx.to(self.device)
+            return {REGISTRY_KEYS.X_KEY: self.counts[idx], REGISTRY_KEYS.BATCH_KEY: self.batch[idx]}
+        rows = idx.cpu().numpy()
+        return {
+            REGISTRY_KEYS.X_KEY: torch.from_numpy(self.counts[rows].toarray()),
+            REGISTRY_KEYS.BATCH_KEY: self.batch[idx.cpu()],
+        }
+
+
+class MinibatchSampler(Sampler):
+    """Yields index tensors of ``batch_size`` rows (a fresh ``torch.randperm`` per epoch when ``shuffle``).
+
+    A trailing minibatch of a single cell is dropped while training (BatchNorm cannot normalise one cell)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_singleton: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.shuffle, self.drop_singleton = int(n), int(batch_size), shuffle, drop_singleton
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.drop_singleton and len(idx) == 1 and self.n > 1:
+                continue
+            yield idx
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + int(rest > 0 and not (self.drop_singleton and rest == 1 and self.n > 1))
+
+
+def _loader(dataset: CountsDataset, batch_size: int, shuffle: bool, drop_singleton: bool) -> DataLoader:
+    sampler = MinibatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_singleton=drop_singleton)
+    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+class InMemoryDataSplitter(DataSplitter):
+    """scvi-tools' train/validation/test split, with minibatches sliced from tensors held in memory.
+
+    The split is exactly ``DataSplitter``'s (same sizes, same ``scvi.settings.seed`` permutation).  With a CUDA
+    accelerator the dense counts are copied to the device once (like ``DeviceBackedDataSplitter``)."""
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        train_size: float | None = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        shuffle_set_split: bool = True,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        max_dense_bytes: int = MAX_DENSE_BYTES,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            adata_manager,
+            train_size=train_size,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            batch_size=batch_size,
+            **kwargs,
+        )
+        self.batch_size = int(batch_size)
+        self.max_dense_bytes = max_dense_bytes
+        _, _, self.device = parse_device_args(accelerator=accelerator, devices=device, return_device="torch")
+        self._sets: dict[str, CountsDataset | None] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._sets is not None:
+            return
+        super().setup(stage)
+        counts, batch = registered_arrays(self.adata_manager)
+        device = self.device if self.device.type != "cpu" else "cpu"
+
+        def subset(idx: np.ndarray) -> CountsDataset | None:
+            if len(idx) == 0:
+                return None
+            return CountsDataset(counts[np.sort(idx)], batch[np.sort(idx)], device, self.max_dense_bytes)
+
+        self._sets = {"train": subset(self.train_idx), "val": subset(self.val_idx), "test": subset(self.test_idx)}
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self._sets["train"], self.batch_size, shuffle=True, drop_singleton=True)
+
+    def val_dataloader(self) -> DataLoader | None:
+        ds = self._sets["val"]
+        return None if ds is None else _loader(ds, self.batch_size, shuffle=False, drop_singleton=False)
+
+    def test_dataloader(self) -> DataLoader | None:
+        ds = self._sets["test"]
+        return None if ds is None else _loader(ds, self.batch_size, shuffle=False, drop_singleton=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model class
+# ---------------------------------------------------------------------------------------------------------------
+class VMMSCVI(BaseModelClass):
+    """scVI whose latent prior is the VampPrior Mixture (or ``normal``, ``vampprior``, ``gmm``), in Pyro.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (raw counts).
+    prior
+        ``"vmm"`` (default), ``"gmm"``, ``"vampprior"`` or ``"normal"``.
+    n_clusters
+        ``K``, the maximum number of clusters (mixture components / pseudo-inputs).
+    n_latent, n_hidden, n_layers, dropout_rate, gene_likelihood
+        As in ``scvi.model.SCVI`` (encoder dropout only; ``"zinb"`` or ``"nb"``).
+    inference
+        ``"map-dp"`` (the paper), ``"map"`` or ``"mle"`` for the mixture priors.
+    seed
+        Seeds the network initialisation and the choice of the ``K`` pseudo-input cells (global RNGs untouched).
+    **module_kwargs
+        Passed to :class:`~pyro_vmm.models.scvi.VMMSCVIModule` (``var_activation``, ``pseudo_input_shift``).
+    """
+
+    _module_cls = VMMSCVIModule
+    _training_plan_cls = VMMTrainingPlan
+    _data_splitter_cls = InMemoryDataSplitter
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata,
+        prior: str = "vmm",
+        n_clusters: int = 100,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        gene_likelihood: str = "zinb",
+        dropout_rate: float = 0.1,
+        inference: str = "map-dp",
+        seed: int | None = None,
+        **module_kwargs,
+    ) -> None:
+        pyro.clear_param_store()  # nothing of ours lives there; clears leftovers of other Pyro models
+        super().__init__(adata)
+        if int(n_clusters) < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        n_cells, n_genes = self.summary_stats.n_cells, self.summary_stats.n_vars
+        n_batch = self.summary_stats.n_batch
+        rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
+        pseudo_counts = None
+        if prior.lower() in ("vmm", "vampprior"):
+            rows = np.sort(rng.choice(n_cells, size=n_clusters, replace=n_clusters > n_cells))
+            counts, _ = registered_arrays(self.adata_manager, rows)
+            pseudo_counts = torch.as_tensor(np.asarray(counts.todense() if sp.issparse(counts) else counts))
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.module = self._module_cls(
+                n_input=n_genes,
+                n_batch=n_batch,
+                n_latent=n_latent,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                gene_likelihood=gene_likelihood,
+                prior=prior,
+                n_clusters=n_clusters,
+                pseudo_inputs=pseudo_counts,
+                inference=inference,
+                **module_kwargs,
+            )
+        self._model_summary_string = (
+            f"VMMSCVI model: prior={prior}, n_clusters={self.module.prior.n_components}, n_latent={n_latent}, "
+            f"n_hidden={n_hidden}, n_layers={n_layers}, gene_likelihood={gene_likelihood}, "
+            f"dropout_rate={dropout_rate}, inference={inference}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # -------------------------------------------------------------------------------------------- data setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register raw counts (``adata.X`` or ``adata.layers[layer]``), the batch and (optionally) the labels."""
+        from pyro_vmm.validation import validate_anndata
+
+        validate_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # -------------------------------------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        prior_lr_ratio: float = 1.0,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 45,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        seed: int | None = None,
+        enable_progress_bar: bool = True,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Fit by alternating one VI step and one EM step per minibatch (see :mod:`pyro_vmm.training_plan`).
+
+        Parameters
+        ----------
+        max_epochs
+            Default: scvi-tools' heuristic (400 epochs up to 20k cells, fewer above).
+        batch_size
+            Minibatch size ``B``; it also sets the hyperprior strength of the EM step (divided by ``B``).
+        lr, prior_lr_ratio
+            VI Adam learning rate; EM learning rate is ``lr * prior_lr_ratio``.
+        train_size, validation_size
+            Split as scvi-tools' ``DataSplitter`` (permutation seeded by ``scvi.settings.seed``).
+        early_stopping, early_stopping_patience
+            Stop when ``elbo_validation`` has not improved for this many epochs (the paper used 100).
+        seed
+            Seeds Python, NumPy, torch, Pyro and ``scvi.settings.seed`` (the split) so a CPU run is repeatable.
+        plan_kwargs
+            Extra :class:`~pyro_vmm.training_plan.VMMTrainingPlan` arguments (``adam_eps``,
+            ``attach_responsibilities``, ``track_utilized_clusters``).
+        datasplitter_kwargs
+            Extra :class:`InMemoryDataSplitter` arguments.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (Lightning ``Trainer`` arguments).
+        """
+        if seed is not None:
+            settings.seed = seed
+            set_seed(seed)
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        splitter = self._data_splitter_cls(
+            self.adata_manager,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            accelerator=accelerator,
+            device=devices,
+            **(datasplitter_kwargs or {}),
+        )
+        if early_stopping and splitter.n_val == 0:
+            raise ValueError(
+                "early_stopping monitors elbo_validation but the split has no validation cells; "
+                "set train_size < 1 (e.g. 0.9) or early_stopping=False"
+            )
+        plan = self._training_plan_cls(self.module, lr=lr, prior_lr_ratio=prior_lr_ratio, **(plan_kwargs or {}))
+        trainer_kwargs.setdefault("early_stopping", early_stopping)
+        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        trainer_kwargs.setdefault("enable_progress_bar", enable_progress_bar)
+        if splitter.n_val > 0:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )
+        out = runner()
+        self._numeric_history()
+        return out
+
+    def _numeric_history(self) -> None:
+        """scvi-tools' logger stores metrics in object columns; make them float64 (plain numbers)."""
+        if isinstance(self.history_, dict):
+            self.history_ = {k: v.apply(pd.to_numeric, errors="coerce") for k, v in self.history_.items()}
+
+    # -------------------------------------------------------------------------------------------- inference
+    def _minibatches(
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, batch_index)`` minibatches on the module's device, in the order of ``indices``."""
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        if indices is not None:
+            indices = np.asarray(indices)
+            if indices.dtype == bool:
+                indices = np.flatnonzero(indices)
+        counts, batch = registered_arrays(manager, indices)
+        ds = CountsDataset(counts, batch, max_dense_bytes=0 if sp.issparse(counts) else MAX_DENSE_BYTES)
+        device = self.module.device
+        for idx in MinibatchSampler(len(ds), batch_size or settings.batch_size, shuffle=False):
+            item = ds[idx]
+            yield item[REGISTRY_KEYS.X_KEY].to(device), item[REGISTRY_KEYS.BATCH_KEY].to(device)
+
+    def _collect(self, fn, adata, indices, batch_size) -> np.ndarray:
+        self._check_if_trained(warn=False)
+        with torch.inference_mode():
+            parts = [fn(x, b).cpu().numpy() for x, b in self._minibatches(adata, indices, batch_size)]
+        return np.concatenate(parts, axis=0)
+
+    def get_latent_representation(
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Posterior means :math:`E_q[z \\mid x, s]`, shape ``(n_cells, n_latent)``."""
+        return self._collect(self.module.latent_mean, adata, indices, batch_size)
+
+    def get_cluster_probabilities(
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """:math:`q(c \\mid z)` at the posterior mean z, shape ``(n_cells, K)`` (``normal``: one column of ones)."""
+        return self._collect(self.module.cluster_probs, adata, indices, batch_size)
+
+    def get_cluster_assignments(
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """:math:`\\arg\\max_k q(c = k \\mid z)` at the posterior mean z, shape ``(n_cells,)``."""
+        probs = self.get_cluster_probabilities(adata, indices, batch_size)
+        return probs.argmax(axis=1).astype(np.int64)
+
+    def n_utilized_clusters(self, adata=None) -> int:
+        """Number of distinct cluster assignments over the cells of ``adata``."""
+        return int(np.unique(self.get_cluster_assignments(adata)).size)
+
+    def get_elbo(self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None) -> float:
+        """Mean per-cell negative ELBO (networks in eval mode; one Monte Carlo sample), like scvi-tools'."""
+        self._check_if_trained(warn=False)
+        svi = AlternatingSVI(self.module, make_optimizers=False)
+        total, n = 0.0, 0
+        for x, b in self._minibatches(adata, indices, batch_size):
+            total += svi.evaluate_loss(x, b) * x.shape[0]
+            n += x.shape[0]
+        return total / n
+
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        **kwargs,
+    ):
+        """Replicated counts :math:`\\tilde x \\sim p(x \\mid z)`, :math:`z \\sim q(z \\mid x)`, as ``sparse.GCXS``.
+
+        Shape ``(n_cells, n_genes)`` when ``n_samples == 1``, else ``(n_cells, n_genes, n_samples)`` (the layout
+        ``scvi.criticism.PosteriorPredictiveCheck`` expects)."""
+        import sparse
+
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        if gene_list is None:
+            gene_mask = slice(None)
+        else:
+            gene_mask = np.isin(np.asarray(adata.var_names), np.asarray(list(gene_list)))
+            if not gene_mask.any():
+                raise ValueError("none of the genes in gene_list are in adata.var_names; check the gene names")
+        parts = []
+        with torch.inference_mode():
+            for x, b in self._minibatches(adata, indices, batch_size):
+                rep = self.module.posterior_predictive(x, b, n_samples)[:, gene_mask]  # (B, G', S)
+                rep = rep[..., 0] if n_samples == 1 else rep
+                parts.append(sparse.COO.from_numpy(rep.cpu().numpy()))
+        # concatenate as COO (GCXS concatenation is slow to compile in numba), convert once
+        return sparse.concatenate(parts, axis=0).asformat("gcxs", compressed_axes=(0,))
+
+    # -------------------------------------------------------------------------------------------- save
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save like ``BaseModelClass.save``, atomically: files are written to a temporary folder next to
+        ``dir_path`` and each is moved into place only once all were written."""
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise ValueError(f"{dir_path} already exists; pass overwrite=True or choose another directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            super().save(
+                str(tmp),
+                prefix=prefix,
+                overwrite=True,
+                save_anndata=save_anndata,
+                save_kwargs=save_kwargs,
+                **anndata_write_kwargs,
+            )
+            target.mkdir(exist_ok=True)
+            for item in tmp.iterdir():
+                os.replace(item, target / item.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""``pyro-vmm scrna`` end to end on a small file, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from pyro_vmm.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def small_h5ad(tmp_path_factory):
+    """300 cells x 300 genes of negative-binomial counts: 3 cell types, 2 batches with a batch effect."""
+    rng = np.random.default_rng(0)
+    n, g = 300, 300
+    y = np.repeat(np.arange(3), n // 3)
+    batch = np.tile([0, 1], n // 2)
+    profile = rng.gamma(0.5, 1.0, size=(3, g)) * rng.gamma(2.0, 1.0, size=(2, g))[:, None].mean(0)
+    mean = profile[y] * rng.gamma(2.0, 0.5, size=(2, g))[batch] * 3
+    counts = rng.negative_binomial(5, 5 / (5 + mean)).astype(np.int32)
+    counts[:, :5] += 1  # no empty cell
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(np.array(["b0", "b1"])[batch]), "cell_type": pd.Categorical(np.array(list("ABC"))[y])},
+        index=[f"cell{i}" for i in range(n)],
+    )
+    adata = anndata.AnnData(X=sparse.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
+    path = tmp_path_factory.mktemp("data") / "small.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _args(data, out, *extra):
+    return [
+        "scrna", "--data", str(data), "--out", str(out), "--batch-key", "batch", "--labels-key", "cell_type",
+        "--n-top-genes", "200", "--n-clusters", "8", "--n-latent", "4", "--max-epochs", "2", "--batch-size", "64",
+        "--no-progress", "--no-scib", "--seed", "0", *extra,
+    ]
+
+
+def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(small_h5ad, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "mde.png", "metrics.json", "model"]
+
+    adata = anndata.read_h5ad(out / "adata.h5ad")
+    assert adata.shape == (300, 300) and adata.var["highly_variable"].sum() == 200
+    z = adata.obsm["X_vmm"]
+    probs = adata.obsm["vmm_cluster_probs"]
+    assert z.shape == (300, 4) and np.isfinite(z).all()
+    assert probs.shape == (300, 8)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(adata.obs["vmm_cluster"].astype(int).to_numpy(), probs.argmax(1))
+    assert adata.obsm["X_vmm_mde"].shape == (300, 2)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["prior"] == "vmm" and metrics["settings"]["seed"] == 0
+    assert metrics["data"] == {
+        "path": str(small_h5ad), "n_cells": 300, "n_genes": 300, "n_genes_used": 200, "n_cells_left_out_empty": 0,
+        "n_batches": 2, "n_labels": 3,
+    }
+    assert metrics["utilized_clusters"] == len(np.unique(probs.argmax(1))) == metrics["clustering"]["utilized_clusters"]
+    assert sum(metrics["cluster_sizes"].values()) == 300
+    assert 0.0 <= metrics["clustering"]["nmi_unmerged"] <= 1.0
+    assert metrics["epochs_trained"] == 2
+    assert all(np.isfinite(metrics["elbo"][k]) and metrics["elbo"][k] > 0 for k in ("train_final", "validation_final"))
+    assert metrics["runtime_s"]["total"] >= metrics["runtime_s"]["train"] > 0
+    assert metrics["scib"] is None
+    assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
+
+    # the saved model reloads on the genes it was trained on and gives the same latent
+    from pyro_vmm import VMMSCVI
+
+    hvg = adata[:, adata.var["highly_variable"].to_numpy()].copy()
+    model = VMMSCVI.load(str(out / "model"), adata=hvg)
+    np.testing.assert_allclose(model.get_latent_representation(), z, rtol=1e-4, atol=1e-4)
+
+    # an existing output folder is not overwritten silently
+    assert main(_args(small_h5ad, out)) == 2
+
+
+def test_scrna_failure_leaves_no_partial_output(small_h5ad, tmp_path, monkeypatch):
+    import pyro_vmm.plotting
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(pyro_vmm.plotting, "mde_figure", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="figure failed"):
+        main(_args(small_h5ad, out))
+    assert list(out.iterdir()) == []  # not the model, not the AnnData, no staging folder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a, d: a.__setitem__(2, str(d / "missing.h5ad")), "does not exist"),
+        (lambda a, d: a.__setitem__(a.index("batch"), "donor"), "--batch-key 'donor' is not a column"),
+        (lambda a, d: a.__setitem__(a.index("cell_type"), "celltype"), "--labels-key 'celltype' is not a column"),
+        (lambda a, d: a.extend(["--layer", "counts"]), "layer 'counts' not found"),
+        (lambda a, d: a.extend(["--lr", "-1"]), "--lr must be a positive number"),
+    ],
+)
+def test_scrna_bad_input_gives_one_clear_error_line(small_h5ad, tmp_path, capsys, change, message):
+    args = _args(small_h5ad, tmp_path / "run")
+    change(args, tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyro-vmm scrna: error:") and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_scrna_help_states_the_default_epochs():
+    out = subprocess.run(
+        [sys.executable, "-m", "pyro_vmm", "scrna", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--max-epochs" in out and "kang_ifnb_2800" in out and "--no-scib" in out

@@ -1,0 +1,152 @@
+"""The image training loop: early stopping on the validation loss, best-weight restore, divergence, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vmm import set_seed
+from pyro_vmm.image_training import (
+    TrainingConfig,
+    cluster_probabilities,
+    evaluate_clustering,
+    fit_minibatches,
+    latent_representation,
+    split_validation,
+    train_image_model,
+)
+from pyro_vmm.models.vae import ImageVAE
+from pyro_vmm.priors import build_prior
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Counter(torch.nn.Module):
+    """A module whose single weight counts the training epochs (one step per epoch: batch = all data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.prior = build_prior("normal", 2)
+
+
+def _scripted(val_losses):
+    module = Counter()
+    calls = iter(val_losses)
+
+    def step(batch):
+        with torch.no_grad():
+            module.w += 1
+        return float(module.w.detach()), None
+
+    def val_loss(batch):
+        return next(calls)
+
+    return module, step, val_loss
+
+
+def test_early_stopping_restores_the_best_epoch():
+    module, step, val = _scripted([5.0, 4.0, 3.0, 3.5, 3.2, 3.9, 1.0])
+    cfg = TrainingConfig(epochs=20, batch_size=8, patience=3, progress=False, eval_batch_size=8)
+    hist = fit_minibatches(module, torch.zeros(8, 2), torch.zeros(8, 2), cfg, step, val)
+    assert hist.stop_reason == "early_stopping"
+    assert hist.epochs_run == 6 and hist.best_epoch == 2  # 3 epochs without improving on 3.0
+    assert float(module.w) == 3.0  # the weights after epoch index 2 (the third step)
+    assert hist.val_loss == [5.0, 4.0, 3.0, 3.5, 3.2, 3.9]
+    assert hist.train_loss == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_without_patience_runs_all_epochs_and_still_keeps_the_best():
+    module, step, val = _scripted([2.0, 1.0, 1.5, 1.7])
+    cfg = TrainingConfig(epochs=4, batch_size=8, patience=None, progress=False, eval_batch_size=8)
+    hist = fit_minibatches(module, torch.zeros(8, 2), torch.zeros(8, 2), cfg, step, val)
+    assert (hist.stop_reason, hist.epochs_run, hist.best_epoch, float(module.w)) == ("max_epochs", 4, 1, 2.0)
+
+
+def test_divergence_stops_and_keeps_the_last_good_weights():
+    module = Counter()
+
+    def step(batch):
+        with torch.no_grad():
+            module.w += 1
+            if module.w > 2:
+                module.w.fill_(math.nan)
+                raise ValueError("Expected parameter loc ... but found invalid values")
+        return 1.0, None
+
+    cfg = TrainingConfig(epochs=10, batch_size=8, patience=5, progress=False, eval_batch_size=8)
+    with pytest.warns(UserWarning, match="diverged"):
+        hist = fit_minibatches(module, torch.zeros(8, 2), torch.zeros(8, 2), cfg, step, lambda b: 1.0)
+    assert hist.stop_reason == "non_finite_loss" and hist.epochs_run == 3
+    assert float(module.w) == 1.0  # epoch 0 was the best (later epochs never improved on val 1.0)
+
+
+def test_errors_that_are_not_divergence_propagate():
+    module = Counter()
+
+    def step(batch):
+        raise ValueError("a genuine bug")
+
+    cfg = TrainingConfig(epochs=2, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="genuine"):
+        fit_minibatches(module, torch.zeros(8, 2), None, cfg, step, lambda b: 0.0)
+
+
+def test_minibatches_cover_every_image_once_per_epoch():
+    seen = []
+    module = Counter()
+
+    def step(batch):
+        seen.append(batch[:, 0].clone())
+        return 0.0, None
+
+    x = torch.arange(10.0)[:, None].repeat(1, 2)
+    fit_minibatches(module, x, None, TrainingConfig(epochs=2, batch_size=4, progress=False), step, lambda b: 0.0)
+    assert [len(b) for b in seen] == [4, 4, 2, 4, 4, 2]  # the last partial batch is kept (as the reference)
+    assert sorted(torch.cat(seen[:3]).tolist()) == list(range(10))
+    assert not torch.equal(torch.cat(seen[:3]), torch.cat(seen[3:]))  # reshuffled each epoch
+
+
+def test_split_validation_partitions_rows():
+    x = torch.arange(20.0)[:, None]
+    tr, va = split_validation(x, 0.25, seed=0)
+    assert len(va) == 5 and sorted(torch.cat([tr, va]).flatten().tolist()) == list(range(20))
+    assert split_validation(x, 0.0, 0)[1] is None
+    with pytest.raises(ValueError):
+        TrainingConfig(val_fraction=1.0)
+
+
+def test_train_image_model_is_repeatable_and_evaluation_protocols():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.rand(3, 10, generator=g) * 2 - 1
+    labels = torch.arange(90) % 3
+    x = (centers[labels] + 0.05 * torch.randn(90, 10, generator=g)).clamp(-1, 1)
+
+    def run():
+        set_seed(1)
+        vae = ImageVAE.from_data(x, prior="vmm", n_components=6, n_latent=2, hidden=(16, 16, 16))
+        cfg = TrainingConfig(epochs=3, batch_size=30, lr=1e-2, patience=2, progress=False, seed=1)
+        return vae, train_image_model(vae, x, cfg)
+
+    (a, ha), (b, hb) = run(), run()
+    assert ha.to_dict() | {"seconds": 0} == hb.to_dict() | {"seconds": 0}
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ha.epochs_run == 3 and len(ha.val_loss) == 3 and len(ha.val_clusters) == 3
+    # one posterior draw per image (seeded) vs the posterior mean
+    z1, z2 = latent_representation(a, x, seed=5), latent_representation(a, x, seed=5)
+    zm = latent_representation(a, x, sample=False, batch_size=7)
+    assert torch.equal(z1, z2) and not torch.equal(z1, zm)
+    torch.testing.assert_close(zm, a.posterior(x).mean.detach())
+    probs = cluster_probabilities(a, x, sample=False)
+    assert probs.shape == (90, 6) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    scores = evaluate_clustering(a, x, labels, sample=False)
+    assert scores.utilized_clusters == np.unique(probs.argmax(1)).size

@@ -1,0 +1,400 @@
+"""VMM-scVI: the Pyro scVI program, the Lightning plan and the scvi-tools model class, on a tiny real subset.
+
+Data: 300 random cells x the 200 highest-count genes of ../shared/data/scrna/kang_ifnb_2800.h5ad (2 batches).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+scvi = pytest.importorskip("scvi")
+anndata = pytest.importorskip("anndata")
+
+from pyro_vmm.models.scvi import (  # noqa: E402
+    PSEUDO_COUNT_FLOOR,
+    NegativeBinomialCounts,
+    VMMSCVIModule,
+    counts_to_pseudo_inputs,
+    inverse_softplus,
+)
+from pyro_vmm.scvi_model import VMMSCVI, InMemoryDataSplitter, MinibatchSampler  # noqa: E402
+
+TINY = dict(n_latent=4, n_hidden=32, n_clusters=8)
+TRAIN = dict(batch_size=64, enable_progress_bar=False, early_stopping=False)
+
+
+@pytest.fixture(scope="module")
+def small_adata(shared_data):
+    adata = anndata.read_h5ad(shared_data / "scrna" / "kang_ifnb_2800.h5ad")
+    rng = np.random.default_rng(0)
+    cells = np.sort(rng.choice(adata.n_obs, 300, replace=False))
+    genes = np.sort(np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:200])
+    sub = adata[cells, genes].copy()
+    sub = sub[np.asarray(sub.X.sum(1)).ravel() > 0].copy()
+    assert sub.obs["batch"].nunique() == 2
+    return sub
+
+
+def _setup(adata):
+    a = adata.copy()
+    VMMSCVI.setup_anndata(a, batch_key="batch", labels_key="cell_type")
+    return a
+
+
+@pytest.fixture(scope="module")
+def trained_vmm(small_adata):
+    a = _setup(small_adata)
+    model = VMMSCVI(a, prior="vmm", seed=0, **TINY)
+    model.train(max_epochs=2, seed=0, **TRAIN)
+    return model
+
+
+def _dense(x):
+    return np.asarray(x.todense()) if hasattr(x, "todense") else np.asarray(x)
+
+
+# ------------------------------------------------------------------------------------------------ the likelihood
+def _random_module(gene_likelihood, n_genes=50, n_batch=2):
+    torch.manual_seed(1)
+    m = VMMSCVIModule(n_genes, n_batch, n_latent=3, n_hidden=16, gene_likelihood=gene_likelihood, prior="normal")
+    with torch.no_grad():
+        m.px_r.normal_(0.0, 1.0)  # theta != 1
+    return m.eval()
+
+
+@pytest.mark.parametrize("gene_likelihood", ["nb", "zinb"])
+def test_likelihood_equals_scvi_distributions(small_adata, gene_likelihood):
+    from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+
+    x = torch.as_tensor(small_adata.X[:40, :50].toarray(), dtype=torch.float32)
+    batch = torch.as_tensor(small_adata.obs["batch"].cat.codes.to_numpy()[:40], dtype=torch.long).reshape(-1, 1)
+    m = _random_module(gene_likelihood)
+    z = torch.randn(40, 3)
+    library = x.sum(-1, keepdim=True)
+    ours = m.likelihood(z, library, batch).log_prob(x)  # (40,) summed over genes
+    _, _, mu, zi_logits = m.decoder("gene", z, torch.log(library), batch)
+    theta = torch.exp(m.px_r)
+    if gene_likelihood == "zinb":
+        ref = ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits).log_prob(x).sum(-1)
+        stock = dist.ZeroInflatedNegativeBinomial(
+            total_count=theta, logits=torch.log(mu + 1e-8) - torch.log(theta + 1e-8), gate_logits=zi_logits
+        )
+    else:
+        ref = NegativeBinomial(mu=mu, theta=theta).log_prob(x).sum(-1)
+        stock = dist.NegativeBinomial(total_count=theta, logits=torch.log(mu + 1e-8) - torch.log(theta + 1e-8))
+    assert ours.shape == (40,)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ours, stock.to_event(1).log_prob(x), rtol=1e-5, atol=1e-3)
+
+
+def test_sparse_negative_binomial_matches_pyro_values_and_gradients():
+    torch.manual_seed(0)
+    value = torch.poisson(torch.rand(30, 20) * 3.0) * (torch.rand(30, 20) < 0.4)  # mostly zeros, some large
+    value[0, 0] = 250.0
+    theta_raw = torch.randn(20, requires_grad=True)
+    logits = torch.randn(30, 20, requires_grad=True)
+    ours = NegativeBinomialCounts(total_count=theta_raw.exp(), logits=logits).log_prob(value)
+    stock = dist.NegativeBinomial(total_count=theta_raw.exp(), logits=logits).log_prob(value)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-4)
+    g_ours = torch.autograd.grad(ours.sum(), (theta_raw, logits))
+    g_stock = torch.autograd.grad(stock.sum(), (theta_raw, logits))
+    for a, b in zip(g_ours, g_stock):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_pseudo_inputs_start_at_the_cells_counts_with_uniform_batch():
+    counts = torch.tensor([[0.0, 1.0, 7.0, 300.0], [2.0, 0.0, 0.0, 1.0]])
+    raw = counts_to_pseudo_inputs(counts, n_batch=3)
+    assert raw.shape == (2, 4 + 3)
+    m = VMMSCVIModule(4, 3, n_latent=2, n_hidden=8, prior="vmm", n_clusters=2, pseudo_inputs=counts)
+    got_counts, got_batch = m.pseudo_counts(m.prior.pseudo_inputs)
+    torch.testing.assert_close(got_counts, counts.clamp_min(PSEUDO_COUNT_FLOOR), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_batch, torch.full((2, 3), 1 / 3))
+    torch.testing.assert_close(torch.nn.functional.softplus(inverse_softplus(torch.tensor([1e-3, 2.0, 80.0]))),
+                               torch.tensor([1e-3, 2.0, 80.0]))
+    # the reference's shifted softplus: zeros need no clamping
+    shifted = VMMSCVIModule(4, 1, n_latent=2, n_hidden=8, prior="vmm", n_clusters=2, pseudo_inputs=counts,
+                            pseudo_input_shift=1.0)
+    assert shifted.prior.pseudo_inputs.shape == (2, 4)  # single batch: no batch part
+    torch.testing.assert_close(shifted.pseudo_counts(shifted.prior.pseudo_inputs)[0], counts, rtol=1e-5, atol=1e-5)
+
+
+def test_pseudo_posterior_runs_encoder_in_eval_mode():
+    counts = torch.poisson(torch.full((5, 10), 2.0))
+    m = VMMSCVIModule(10, 2, n_latent=2, n_hidden=8, prior="vmm", n_clusters=5, pseudo_inputs=counts).train()
+    q1, q2 = m.pseudo_posterior(m.prior.pseudo_inputs), m.pseudo_posterior(m.prior.pseudo_inputs)
+    torch.testing.assert_close(q1.mean, q2.mean)  # no dropout, BN running statistics
+    assert m.training and m.encoder.training  # mode restored
+    running = m.encoder.fc_layers[0][1].running_mean.clone()
+    m.pseudo_posterior(m.prior.pseudo_inputs)
+    torch.testing.assert_close(m.encoder.fc_layers[0][1].running_mean, running)
+
+
+# ------------------------------------------------------------------------------------------------ data loading
+def test_split_equals_scvi_datasplitter(small_adata):
+    a = _setup(small_adata)
+    model = VMMSCVI(a, prior="normal", seed=0, **TINY)
+    scvi.settings.seed = 3
+    ours = InMemoryDataSplitter(model.adata_manager, train_size=0.8, batch_size=64)
+    ours.setup()
+    ref = scvi.dataloaders.DataSplitter(model.adata_manager, train_size=0.8, batch_size=64)
+    ref.setup()
+    np.testing.assert_array_equal(ours.train_idx, ref.train_idx)
+    np.testing.assert_array_equal(ours.val_idx, ref.val_idx)
+    batches = list(ours.train_dataloader())
+    assert sum(len(b["X"]) for b in batches) == len(ref.train_idx)
+    x_all = np.concatenate([b["X"].numpy() for b in batches])
+    expected = a.X[np.sort(ref.train_idx)].toarray()
+    assert sorted(map(tuple, x_all)) == sorted(map(tuple, expected))  # the same cells, shuffled
+
+
+def test_counts_dataset_dense_and_csr_give_the_same_minibatch(small_adata):
+    from pyro_vmm.scvi_model import CountsDataset
+
+    batch = small_adata.obs["batch"].cat.codes.to_numpy().reshape(-1, 1)
+    dense = CountsDataset(small_adata.X, batch)
+    csr = CountsDataset(small_adata.X, batch, max_dense_bytes=0)
+    assert dense.dense and not csr.dense and len(dense) == len(csr) == small_adata.n_obs
+    idx = torch.tensor([7, 0, 3])
+    a, b = dense[idx], csr[idx]
+    torch.testing.assert_close(a["X"], b["X"])
+    torch.testing.assert_close(a["X"], torch.as_tensor(small_adata.X[[7, 0, 3]].toarray(), dtype=torch.float32))
+    torch.testing.assert_close(a["batch"], b["batch"])
+
+
+def test_sampler_drops_a_trailing_single_cell_only_when_asked():
+    assert [len(i) for i in MinibatchSampler(129, 64, shuffle=False, drop_singleton=True)] == [64, 64]
+    assert len(MinibatchSampler(129, 64, shuffle=False, drop_singleton=True)) == 2
+    assert [len(i) for i in MinibatchSampler(129, 64, shuffle=False)] == [64, 64, 1]
+    assert len(MinibatchSampler(130, 64, shuffle=True, drop_singleton=True)) == 3
+
+
+# ------------------------------------------------------------------------------------------------ the model class
+def test_train_latent_clusters_save_load_roundtrip(trained_vmm, tmp_path, monkeypatch):
+    model = trained_vmm
+    n = model.adata.n_obs
+    z = model.get_latent_representation()
+    probs = model.get_cluster_probabilities()
+    assign = model.get_cluster_assignments()
+    assert z.shape == (n, 4) and probs.shape == (n, 8) and assign.shape == (n,)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(assign, probs.argmax(1))
+    assert 1 <= model.n_utilized_clusters() == len(np.unique(assign)) <= 8
+    hist = model.history
+    for key in ("elbo_train", "elbo_validation", "em_loss_train", "utilized_clusters_validation"):
+        assert len(hist[key]) == 2 and hist[key].dtypes.iloc[0].kind == "f", key
+    assert np.isfinite(model.get_elbo())
+
+    model.save(tmp_path / "m", save_anndata=False)
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(tmp_path / "m")
+
+    def no_training(*a, **k):
+        raise AssertionError("load must not train")
+
+    monkeypatch.setattr(VMMSCVI, "train", no_training)
+    loaded = VMMSCVI.load(tmp_path / "m", adata=model.adata, accelerator="cpu")
+    assert loaded.module.device.type == "cpu"
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    np.testing.assert_array_equal(loaded.get_cluster_probabilities(), probs)
+    np.testing.assert_array_equal(loaded.get_cluster_assignments(), assign)
+    for (k1, v1), (k2, v2) in zip(model.module.state_dict().items(), loaded.module.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    assert len(loaded.history["elbo_train"]) == 2
+
+
+def test_subset_indices_and_new_adata(trained_vmm):
+    model = trained_vmm
+    z = model.get_latent_representation()
+    idx = np.array([5, 0, 17])
+    np.testing.assert_allclose(model.get_latent_representation(indices=idx), z[idx], rtol=1e-5, atol=1e-6)
+    other = model.adata[::2].copy()
+    np.testing.assert_allclose(model.get_latent_representation(other), z[::2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prior", ["normal", "vampprior", "gmm"])
+def test_every_prior_trains(small_adata, prior):
+    a = _setup(small_adata)
+    model = VMMSCVI(a, prior=prior, seed=1, **TINY)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.train(max_epochs=1, seed=1, **TRAIN)
+    after = model.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "encoder.fc_layers.Layer 0.0.weight" in changed and "px_r" in changed
+    prior_keys = {k for k in before if k.startswith("prior.")}
+    if prior in ("gmm", "vampprior"):
+        assert prior_keys and prior_keys <= changed  # EM (gmm) / VI (vampprior pseudo-inputs) moved them
+    if prior == "gmm":
+        assert "em_loss_train" in model.history
+    probs = model.get_cluster_probabilities()
+    assert probs.shape == (a.n_obs, 1 if prior == "normal" else 8)
+    assert np.isfinite(model.history["elbo_validation"].to_numpy()).all()
+
+
+def test_same_seed_same_parameters(small_adata):
+    a = _setup(small_adata)
+    states = []
+    for _ in range(2):
+        model = VMMSCVI(a, prior="vmm", seed=4, **TINY)
+        init = {k: v.clone() for k, v in model.module.state_dict().items()}
+        model.train(max_epochs=1, seed=4, **TRAIN)
+        states.append((init, model.module.state_dict(), model.history["elbo_train"].to_numpy()))
+    (i1, t1, h1), (i2, t2, h2) = states
+    assert all(torch.equal(i1[k], i2[k]) for k in i1)
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    np.testing.assert_array_equal(h1, h2)
+    assert not all(torch.equal(i1[k], t1[k]) for k in i1)  # it did train
+    other = VMMSCVI(a, prior="vmm", seed=5, **TINY).module.state_dict()
+    assert not torch.equal(i1["prior.pseudo_inputs_unconstrained"], other["prior.pseudo_inputs_unconstrained"])
+    assert not torch.equal(i1["mean_encoder.weight"], other["mean_encoder.weight"])
+
+
+def test_plan_steps_own_disjoint_parameters(small_adata, monkeypatch):
+    """Inside Lightning: the VI step leaves prior parameters alone, the EM step leaves networks (and BN) alone."""
+    import lightning.pytorch as pl
+
+    from pyro_vmm.infer import AlternatingSVI
+
+    a = _setup(small_adata)
+    model = VMMSCVI(a, prior="vmm", seed=2, **TINY)
+    snaps: list[dict] = []
+
+    def snapshot():
+        snaps.append({k: v.detach().clone() for k, v in model.module.state_dict().items()})
+
+    original = AlternatingSVI.em_loss_at
+
+    def em_loss_at(self, z):
+        snapshot()  # after the VI step, before the EM step
+        return original(self, z)
+
+    class Snap(pl.Callback):
+        def on_train_batch_start(self, *args):
+            snapshot()
+
+        def on_train_batch_end(self, *args):
+            snapshot()
+
+    monkeypatch.setattr(AlternatingSVI, "em_loss_at", em_loss_at)
+    model.train(max_epochs=1, seed=2, callbacks=[Snap()], **TRAIN)
+    n_batches = len(snaps) // 3
+    assert n_batches >= 3 and len(snaps) == 3 * n_batches
+    assert model.trainer.global_step == n_batches  # the EM optimiser step is not counted
+    em_keys = {k for k in snaps[0] if k.startswith("prior.")}
+    net_keys = set(snaps[0]) - em_keys
+    for i in range(n_batches):
+        s0, s1, s2 = snaps[3 * i : 3 * i + 3]
+        assert all(torch.equal(s0[k], s1[k]) for k in em_keys)  # VI step: prior untouched
+        assert all(torch.equal(s1[k], s2[k]) for k in net_keys)  # EM step: networks and BN buffers untouched
+        assert not torch.equal(s0["mean_encoder.weight"], s1["mean_encoder.weight"])
+        assert not torch.equal(s1["prior.logits_unconstrained"], s2["prior.logits_unconstrained"])
+
+
+def test_clear_errors(small_adata):
+    a = _setup(small_adata)
+    with pytest.raises(ValueError, match="unknown prior"):
+        VMMSCVI(a, prior="dirichlet", **TINY)
+    with pytest.raises(ValueError, match="gene_likelihood"):
+        VMMSCVI(a, prior="normal", gene_likelihood="poisson", **TINY)
+    model = VMMSCVI(a, prior="normal", **TINY)
+    with pytest.raises(ValueError, match="no validation cells"):
+        model.train(max_epochs=1, train_size=1.0, early_stopping=True, enable_progress_bar=False)
+    with pytest.raises(RuntimeError, match="train"):
+        model.get_latent_representation()
+
+
+# ------------------------------------------------------------------------------------------------ PPC
+def test_posterior_predictive_is_not_the_observed_data(trained_vmm):
+    model = trained_vmm
+    observed = model.adata.X.toarray()
+    rep = model.posterior_predictive_sample(n_samples=3)
+    assert rep.shape == (model.adata.n_obs, model.adata.n_vars, 3)
+    dense = _dense(rep)
+    assert (dense >= 0).all() and np.array_equal(dense, np.round(dense))
+    for s in range(3):
+        assert not np.array_equal(dense[..., s], observed)
+    assert not np.array_equal(dense[..., 0], dense[..., 1])
+    one = model.posterior_predictive_sample(indices=[0, 1, 2], n_samples=1, gene_list=list(model.adata.var_names[:5]))
+    assert one.shape == (3, 5)
+
+
+def test_posterior_predictive_uses_x_only_through_guide_and_library():
+    torch.manual_seed(0)
+    m = VMMSCVIModule(12, 2, n_latent=2, n_hidden=8, prior="normal")
+    x1 = torch.poisson(torch.full((6, 12), 3.0))
+    x2 = x1.flip(-1)  # other counts, same library sizes
+    b = torch.zeros(6, 1, dtype=torch.long)
+    fixed = m.encode(x1, b)
+    m.encode = lambda x, batch_index: fixed  # q(z|x) no longer looks at x
+    torch.manual_seed(3)
+    r1 = m.posterior_predictive(x1, b, n_samples=4)
+    torch.manual_seed(3)
+    r2 = m.posterior_predictive(x2, b, n_samples=4)
+    assert r1.shape == (6, 12, 4)
+    torch.testing.assert_close(r1, r2)
+
+
+def test_scvi_criticism_runs_and_calibration_is_per_model(trained_vmm):
+    from scvi.criticism import PosteriorPredictiveCheck
+
+    from pyro_vmm.ppc import calibration_error
+
+    model = trained_vmm
+    ppc = PosteriorPredictiveCheck(model.adata, {"vmm": model, "vmm_again": model}, n_samples=4)
+    assert ppc.samples_dataset["vmm"].shape == (model.adata.n_obs, model.adata.n_vars, 4)
+    table = calibration_error(ppc)
+    assert list(table.columns) == ["vmm", "vmm_again"] and np.isfinite(table.to_numpy()).all()
+    assert "calibration" in ppc.metrics
+
+
+def test_calibration_error_math():
+    from pyro_vmm.ppc import calibration_error, interval_coverage_error
+
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(400, 30, 200))
+    calibrated = rng.normal(size=(400, 30))
+    shifted = calibrated + 3.0
+    good = interval_coverage_error(samples, calibrated)
+    bad = interval_coverage_error(samples, shifted)
+    assert good < 1e-3 < 0.5 < bad
+    # hand example: one entry, samples 0..10, quantiles (0.1, 0.9) -> interval [1, 9]
+    s = np.arange(11.0).reshape(1, 1, 11)
+    assert interval_coverage_error(s, np.array([[5.0]]), [0.1, 0.9]) == pytest.approx((1 - 0.8) ** 2)
+    assert interval_coverage_error(s, np.array([[10.0]]), [0.1, 0.9]) == pytest.approx((0 - 0.8) ** 2)
+    table = calibration_error({"good": samples, "bad": samples + 3.0}, observed=calibrated)
+    assert table.loc["features", "good"] == pytest.approx(good)
+    assert table.loc["features", "bad"] == pytest.approx(interval_coverage_error(samples + 3.0, calibrated))
+    with pytest.raises(ValueError, match="pairs"):
+        interval_coverage_error(samples, calibrated, [0.1, 0.5, 0.9])
+
+
+def test_to_arviz(trained_vmm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pyro_vmm.ppc import to_arviz
+
+    model = trained_vmm
+    idata = to_arviz(model, n_samples=5, statistics=("mean", "zero_fraction", "library_size"))
+    assert {"posterior_predictive", "observed_data"} <= set(idata.groups())
+    assert idata.posterior_predictive["zero_fraction"].shape == (1, 5, model.adata.n_vars)
+    assert idata.posterior_predictive["library_size"].shape == (1, 5, model.adata.n_obs)
+    observed = model.adata.X.toarray()
+    np.testing.assert_allclose(idata.observed_data["zero_fraction"].values, (observed == 0).mean(0))
+    np.testing.assert_allclose(idata.observed_data["mean"].values, observed.mean(0), rtol=1e-6)
+    az.plot_ppc(idata, var_names=["zero_fraction"], num_pp_samples=5)
+    az.plot_bpv(idata, var_names=["mean"], kind="t_stat", t_stat="median")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    with pytest.raises(ValueError, match="unknown statistics"):
+        to_arviz(model, n_samples=1, statistics=("skewness",))
