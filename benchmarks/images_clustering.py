@@ -6,7 +6,7 @@ Protocols
 
 * data: a random 20,000 of the 70,000 MNIST images (seeded), split 6:1 into training / validation images;
 * networks: encoder 256-256-512 (paper 500-500-2000), decoder mirrored;
-* schedule: Adam lr 1e-3 (paper 1e-4), at most 40 epochs, early stopping on the validation ELBO with patience 5
+* schedule: Adam lr 1e-3 (paper 1e-4), at most 50 epochs, early stopping on the validation ELBO with patience 5
   (paper: up to 10,000 epochs, patience 100 on the validation NMI -- i.e. on labels, which we never use);
 * VaDE: 5 pre-training epochs (the reference uses round(5 B / 100) = 13).
 
@@ -44,12 +44,12 @@ from pyro_vmm.utils import atomic_path  # noqa: E402
 
 PROTOCOLS = {
     "cpu": dict(
-        subset=20000, hidden=[256, 256, 512], latent_dim=10, batch_size=256, lr=1e-3, epochs=40, patience=5,
-        vade_pretrain_epochs=5,
+        subset=20000, hidden=[256, 256, 512], latent_dim=10, batch_size=256, lr=1e-3, prior_lr_ratio=1.0, epochs=50,
+        patience=5, vade_pretrain_epochs=5,
     ),
     "paper": dict(
-        subset=None, hidden=[500, 500, 2000], latent_dim=10, batch_size=256, lr=1e-4, epochs=10000, patience=100,
-        vade_pretrain_epochs=None,
+        subset=None, hidden=[500, 500, 2000], latent_dim=10, batch_size=256, lr=1e-4, prior_lr_ratio=1.0,
+        epochs=10000, patience=100, vade_pretrain_epochs=None,
     ),
 }
 COLUMNS = ("utilized_clusters", "accuracy", "nmi_merged", "nmi_unmerged", "ari_unmerged")
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="vmm,gmm,vampprior,vade", help="comma list of vmm,gmm,vampprior,vade,normal")
     p.add_argument("--vmm-seeds", type=_seeds, default=[0, 1, 2])
     p.add_argument("--other-seeds", type=_seeds, default=[0])
+    p.add_argument("--prior-lr-ratio", type=float, default=None, help="override the protocol's prior_lr_ratio")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's maximum number of epochs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "images_clustering.json"))
@@ -103,7 +105,10 @@ def format_table(summary: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    proto = PROTOCOLS[args.protocol]
+    proto = dict(PROTOCOLS[args.protocol])
+    for key in ("prior_lr_ratio", "epochs"):
+        if getattr(args, key) is not None:
+            proto[key] = getattr(args, key)
     data_dir = args.data_dir or str(REPO.parent / "shared" / "data" / "images" / args.dataset)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows, start = [], time.perf_counter()
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
             settings = dict(
                 dataset=args.dataset, prior=method, latent_dim=proto["latent_dim"], hidden=proto["hidden"],
                 n_clusters=10 if method == "vade" else 100, batch_size=proto["batch_size"], lr=proto["lr"],
-                prior_lr_ratio=1.0, epochs=proto["epochs"], patience=proto["patience"], seed=seed,
+                prior_lr_ratio=proto["prior_lr_ratio"], epochs=proto["epochs"], patience=proto["patience"], seed=seed,
                 subset=proto["subset"], device=args.device, vade_pretrain_epochs=proto["vade_pretrain_epochs"],
             )
             _, result = fit_and_score(settings, train, val, progress=True)

@@ -14,7 +14,7 @@ CPU) of every model from the same run.  Tables report mean +- sd over seeds.
 
 The paper's own data sets (full cortex, scVI PBMC 4k+8k, lung atlas, SPLiT-seq) are not available offline; these are
 real substitutes (see ../shared/data/README.md).  Every run trains for a fixed budget of ``--steps`` minibatch steps
-(default 1000: 50 epochs on kang_ifnb_2800, 250 on cellbench_3cl; ``--max-epochs`` overrides; early stopping with
+(default 600: 30 epochs on kang_ifnb_2800, 150 on cellbench_3cl; ``--max-epochs`` overrides; early stopping with
 ``--patience``), far less than the paper's up-to-10000 epochs with patience 100, to fit a shared 2-core CPU.  All
 learned models use the prior learning-rate ratio chosen on kang_ifnb_2800 (``--prior-lr-ratio 2.5``), as the paper
 used the VMM's tuned setting for every test case.
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS + ("paul15",))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--steps", type=int, default=1000,
+    p.add_argument("--steps", type=int, default=600,
                    help="training budget in minibatch steps per run: epochs = steps / steps-per-epoch (so small "
                         "sets get more epochs); overridden by --max-epochs")
     p.add_argument("--max-epochs", type=int, default=None)

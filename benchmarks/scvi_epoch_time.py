@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("scvi-tools SCVI", lambda: time_scvi(adata, args.epochs, args.warmup, args.seed))]
     for prior in ("vmm", "normal"):
         runs.append(
-            (f"VMMSCVI prior={prior}", lambda p=prior: time_vmm(adata, p, args.clusters, args.epochs, args.warmup, args.seed))
+            (
+                f"VMMSCVI prior={prior}",
+                lambda p=prior: time_vmm(adata, p, args.clusters, args.epochs, args.warmup, args.seed),
+            )
         )
     for name, fn in runs:
         times, cpu = fn()

@@ -249,7 +249,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         return self._posterior(torch.cat([torch.log1p(x), self._batch_onehot(batch_index)], dim=-1))
 
     def pseudo_counts(self, u_raw: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Pseudo-input counts :math:`\operatorname{softplus}(v) - c` and batch vector :math:`\operatorname{softmax}(w)`."""
+        r"""Pseudo counts :math:`\operatorname{softplus}(v) - c`, batch vector :math:`\operatorname{softmax}(w)`."""
         counts = F.softplus(u_raw[..., : self.n_input]) - self.pseudo_input_shift
         batch = torch.softmax(u_raw[..., self.n_input :], dim=-1) if self.n_batch_input else u_raw[..., :0]
         return counts, batch

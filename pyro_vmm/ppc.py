@@ -1,7 +1,7 @@
 r"""Posterior predictive checks of VMM-scVI: ArviZ adapter and a per-model calibration error.
 
-Replicated data :math:`\tilde x^{(s)} \sim p(x \mid z^{(s)}, \ell, s)`, :math:`z^{(s)} \sim q(z \mid x)`, are compared with
-the observed counts through summary statistics :math:`T` (one value per gene, or per cell):
+Replicated data :math:`\tilde x^{(s)} \sim p(x \mid z^{(s)}, \ell, s)`, :math:`z^{(s)} \sim q(z \mid x)`, are compared
+with the observed counts through summary statistics :math:`T` (one value per gene, or per cell):
 
 ``mean``            per-gene mean count, :math:`\frac1N\sum_n x_{ng}`
 ``variance``        per-gene variance (ddof 0)

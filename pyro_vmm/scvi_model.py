@@ -329,7 +329,7 @@ class VMMSCVI(BaseModelClass):
             Seeds Python, NumPy, torch, Pyro and ``scvi.settings.seed`` (the split) so a CPU run is repeatable.
         plan_kwargs
             Extra :class:`~pyro_vmm.training_plan.VMMTrainingPlan` arguments (``adam_eps``,
-            ``attach_responsibilities``, ``track_utilized_clusters``).
+            ``attach_responsibilities``, ``track_utilized_clusters``, ``fused_adam``, ``validate_distributions``).
         datasplitter_kwargs
             Extra :class:`InMemoryDataSplitter` arguments.
         **trainer_kwargs
