@@ -53,7 +53,7 @@ from scvi.nn import DecoderSCVI, FCLayers
 from torch import Tensor, nn
 
 from pyro_vmm.priors import build_prior
-from pyro_vmm.utils import eval_mode
+from pyro_vmm.utils import eval_mode, inverse_softplus
 
 __all__ = ["NegativeBinomialCounts", "VMMSCVIModule", "counts_to_pseudo_inputs", "inverse_softplus"]
 
@@ -87,11 +87,6 @@ class NegativeBinomialCounts(dist.NegativeBinomial):
         x_nz, theta_nz = value[idx], theta[idx]
         lgamma_terms = torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
         return dense + torch.zeros_like(dense).index_put(idx, lgamma_terms)
-
-
-def inverse_softplus(y: Tensor) -> Tensor:
-    r""":math:`\operatorname{softplus}^{-1}(y) = y + \log(1 - e^{-y})` for :math:`y > 0` (stable for large y)."""
-    return y + torch.log(-torch.expm1(-y))
 
 
 def counts_to_pseudo_inputs(counts: Tensor, n_batch: int, shift: float = 0.0) -> Tensor:
