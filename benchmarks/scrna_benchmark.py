@@ -287,6 +287,35 @@ def write(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
 
 
+def report(summary, rows, note: str) -> None:
+    print("\n" + format_table(summary))
+    print("\nAcceptance checks:")
+    for c in checks(summary, rows):
+        nums = ", ".join(f"{k}={v:.3f}" for k, v in c.items() if isinstance(v, float))
+        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['check']}: {nums}")
+    print(f"\n{note}")
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """Combine the ``runs`` of several result files (later files win for a repeated data set x seed x model)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs: dict[tuple, dict] = {}
+    for part in parts:
+        for row in part["runs"]:
+            runs[(row["dataset"], row["seed"], row["model"])] = row
+    order = {ds: i for i, ds in enumerate(DATASETS)}
+    rows = sorted(runs.values(), key=lambda r: (order.get(r["dataset"], 99), r["seed"], MODELS.index(r["model"])))
+    summary = summarise(rows)
+    meta = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "checks", "wall_s", "command")}
+    meta["command"] = [p["command"] for p in parts]
+    meta["merged_from"] = list(paths)
+    meta["wall_s"] = sum(p.get("wall_s", 0.0) for p in parts)
+    write(out, {**meta, "summary": summary, "checks": checks(summary, rows), "runs": rows})
+    report(summary, rows, meta["note"])
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS + ("paul15",))
@@ -308,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=str(Path("..") / "shared" / "data" / "scrna"))
     p.add_argument("--out", default=str(RESULTS / "scrna_benchmark.json"))
     p.add_argument("--quick", action="store_true", help="cellbench_3cl, seed 0, 3 epochs (a smoke run)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="train nothing: combine the runs of earlier result files (e.g. data sets run in parallel "
+                        "processes) into --out and print the table")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.quick:
         args.datasets, args.seeds, args.max_epochs = ["cellbench_3cl"], [0], 3
     torch.set_num_threads(args.threads)
@@ -326,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "settings": {k: v for k, v in vars(args).items()},
         "note": "The paper's scRNA-seq sets (cortex, PBMC 4k+8k, lung atlas, SPLiT-seq) are not available offline; "
-                "these are real substitutes. Fixed epoch budget (no early stopping unless --patience), far below the "
+                "these are real substitutes. A fixed budget of --steps minibatch steps per run (no early stopping unless "
+                "--patience), far below the "
                 "paper's up-to-10000 epochs with patience 100.",
     }
     try:
@@ -346,12 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             write(Path(args.out), {**meta, "wall_s": time.perf_counter() - t0, "summary": summary,
                                    "checks": checks(summary, rows), "runs": rows})
     summary = summarise(rows)
-    print("\n" + format_table(summary))
-    print("\nAcceptance checks:")
-    for c in checks(summary, rows):
-        nums = ", ".join(f"{k}={v:.3f}" for k, v in c.items() if isinstance(v, float))
-        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['check']}: {nums}")
-    print(f"\n{meta['note']}\nwrote {args.out} ({time.perf_counter() - t0:.0f} s)")
+    report(summary, rows, meta["note"])
+    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "scvi_epoch_time",
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, CPU only, {torch.get_num_threads()} torch threads "
-        "(2 cores shared with other jobs)",
+        "machine": f"{platform.processor() or platform.machine()}, CPU only, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads; load average at the end {os.getloadavg()[0]:.2f}",
         "data": {"name": "kang_ifnb_2800", "n_cells": adata.n_obs, "n_genes": adata.n_vars, "hvg": "seurat_v3"},
         "settings": vars(args),
         "results": rows,

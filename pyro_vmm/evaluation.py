@@ -161,6 +161,8 @@ class ScibConfig:
     #: ``exact_max_cells`` cells): exact search skips pynndescent's numba compilation, minutes on a small CPU
     neighbors: str = "auto"
     exact_max_cells: int = 50_000
+    #: scib-metrics metric names to skip, e.g. ``("kbet_per_label",)`` (the slowest on a CPU)
+    exclude: tuple[str, ...] = ()
 
 
 def scib_table(
@@ -209,13 +211,21 @@ def scib_table(
         index=adata.obs_names.astype(str),
     )
     slim = anndata.AnnData(obs=obs, obsm=obsm)
+    known = set(BioConservation.__dataclass_fields__) | set(BatchCorrection.__dataclass_fields__)
+    unknown = sorted(set(config.exclude) - known)
+    if unknown:
+        raise ValueError(f"ScibConfig.exclude: unknown metric(s) {unknown}; choose from {sorted(known)}")
+    off = {name: False for name in config.exclude}
+    bio = {"nmi_ari_cluster_labels_leiden": config.leiden_nmi_ari, **off}
     bench = Benchmarker(
         slim,
         batch_key=batch_key,
         label_key=label_key,
         embedding_obsm_keys=keys,
-        bio_conservation_metrics=BioConservation(nmi_ari_cluster_labels_leiden=config.leiden_nmi_ari),
-        batch_correction_metrics=BatchCorrection() if use_batch else None,
+        bio_conservation_metrics=BioConservation(**{k: v for k, v in bio.items() if k in BioConservation.__dataclass_fields__}),
+        batch_correction_metrics=BatchCorrection(**{k: v for k, v in off.items() if k in BatchCorrection.__dataclass_fields__})
+        if use_batch
+        else None,
         pre_integrated_embedding_obsm_key="X_pre",
         n_jobs=config.n_jobs,
         progress_bar=config.progress_bar,

@@ -105,6 +105,10 @@ def _loss_values(loss: Any, name: str = "loss") -> list[tuple[str, Any]]:
     return [(name, loss)]
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _is_finite(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return bool(torch.isfinite(value.detach()).all())
@@ -200,6 +204,11 @@ class NonFiniteGuard:
         if not tensors:
             return None
         with torch.no_grad():
+            # fast path (one reduction per tensor, one host sync): a NaN or Inf anywhere makes its tensor's sum
+            # non-finite; a sum that overflows although every entry is finite is caught by the exact check below
+            sums = torch.stack([_real(t).sum(dtype=torch.float32).to(tensors[0][1].device) for _, t in tensors])
+            if bool(torch.isfinite(sums).all()):
+                return None
             flags = torch.stack([torch.isfinite(t).all().to(tensors[0][1].device) for _, t in tensors])
             if bool(flags.all()):
                 return None
@@ -227,8 +236,11 @@ class NonFiniteGuard:
         return problem is None
 
     # -- recovery -------------------------------------------------------------------------------------------
-    def rollback(self) -> None:
-        """Restore the last good state and lower every learning rate; raise :class:`NonFiniteError` past the limit."""
+    def rollback(self, where: str | None = None) -> None:
+        """Restore the last good state and lower every learning rate; raise :class:`NonFiniteError` past the limit.
+
+        ``where`` (e.g. ``"epoch 3, batch 7"``) names the failed step in the warning and the error.
+        """
         if self._modules_state is None or self._optimizers_state is None:
             raise RuntimeError("rollback() before any snapshot(): call guard.snapshot() once before training")
         lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
@@ -238,6 +250,7 @@ class NonFiniteGuard:
         self.consecutive_rollbacks += 1
         self.n_rollbacks += 1
         problem = self.last_problem or "non-finite values"
+        at = f" at {where}" if where else ""
         give_up = self.consecutive_rollbacks > self.max_retries
         factor = 1.0 if give_up else self.lr_factor
         for opt, state, old in zip(self.optimizers, self._optimizers_state, lrs, strict=True):
@@ -250,15 +263,17 @@ class NonFiniteGuard:
         lr_text = ", ".join(f"{lr:.3g}" for lr in self.learning_rates()) or "none"
         if give_up:
             raise NonFiniteError(
-                f"training produced non-finite values {self.consecutive_rollbacks} times in a row (last: {problem}). "
+                f"training produced non-finite values {self.consecutive_rollbacks} times in a row (last{at}: "
+                f"{problem}). "
                 f"Each time it was rolled back to the last finite state and the learning rate multiplied by "
                 f"{self.lr_factor} (now {lr_text}), without success; the model is left at the last finite state. "
                 "Try: a lower learning rate, checking the input for NaN/Inf or extreme values "
                 "(pyro_vmm.validation.validate_counts / validate_anndata), or gradient clipping."
             )
         self.logger.warning(
-            "non-finite training step (%s): rolled back to the last good state, learning rate now %s "
+            "non-finite training step%s (%s): rolled back to the last good state, learning rate now %s "
             "(rollback %d in a row of at most %d; %d in total)",
+            at,
             problem,
             lr_text,
             self.consecutive_rollbacks,
@@ -267,12 +282,16 @@ class NonFiniteGuard:
         )
 
 
-def guarded_step(guard: NonFiniteGuard, step_fn: Callable[[], Any]) -> bool:
+def guarded_step(
+    guard: NonFiniteGuard, step_fn: Callable[[], Any], *, where: str | None = None, store: bool = True
+) -> bool:
     """Run ``step_fn()`` (one optimisation step returning its loss) under ``guard``; ``True`` if the step was kept.
 
     Takes a first snapshot if there is none.  A step is rolled back when its loss, the parameters, buffers or
     gradients are non-finite, or when it raises an error about invalid (NaN/Inf) values, e.g. torch's distribution
     validation.  Other errors propagate unchanged; :class:`NonFiniteError` propagates past ``max_retries``.
+    ``where`` names the step in the warning; ``store=False`` keeps a passing step without refreshing the snapshot
+    (cheaper; a later rollback then goes back to the older snapshot).
     """
     if not guard.has_snapshot:
         guard.snapshot()
@@ -284,10 +303,13 @@ def guarded_step(guard: NonFiniteGuard, step_fn: Callable[[], Any]) -> bool:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         line = next((line for line in lines if _NON_FINITE_MESSAGE.search(line)), lines[0])
         guard.last_problem = f"the step raised {type(err).__name__}: {line[:300]}"
-        guard.rollback()
+        guard.rollback(where)
         return False
     if guard.check(result):
-        guard._store()
+        if store:
+            guard._store()
+        else:
+            guard.consecutive_rollbacks = 0
         return True
-    guard.rollback()
+    guard.rollback(where)
     return False

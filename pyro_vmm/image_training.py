@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .guard import NonFiniteGuard, guarded_step
 from .infer import AlternatingSVI
 from .metrics import ClusteringScores, clustering_scores
 from .utils import eval_mode, resolve_device, set_seed
@@ -56,6 +57,8 @@ class TrainingConfig:
     drop_last: bool = False  #: drop the last partial minibatch (the reference keeps it)
     eval_batch_size: int = 2048
     attach_responsibilities: bool = False  #: the reference's EM objective (see AlternatingSVI)
+    nan_guard: bool = True  #: roll back non-finite steps and halve the learning rate (pyro_vmm.guard)
+    max_nan_retries: int = 5  #: rollbacks in a row before NonFiniteError
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -77,6 +80,7 @@ class TrainingHistory:
     pretrain_loss: list[float] = field(default_factory=list)  #: VaDE pre-training losses (other models: empty)
     best_epoch: int = -1  #: 0-based epoch whose weights were kept
     stop_reason: str = "max_epochs"  #: 'max_epochs' | 'early_stopping' | 'non_finite_loss'
+    nan_rollbacks: int = 0  #: steps rolled back by the non-finite guard
     seconds: float = 0.0
 
     @property
@@ -121,13 +125,19 @@ def fit_minibatches(
     step: Callable[[Tensor], tuple[float, float | None]],
     val_loss: Callable[[Tensor], float],
     desc: str = "train",
+    guard: NonFiniteGuard | None = None,
 ) -> TrainingHistory:
     """The epoch loop shared by every image model.
 
     ``step(batch) -> (loss, em_loss)`` updates the parameters on one minibatch; ``val_loss(batch)`` returns the
     per-image validation loss without updating anything.  Early stopping watches ``val_loss`` over ``x_val``
     (evaluated with a fixed random stream, so successive epochs are compared on the same Monte Carlo noise) and the
-    weights of the best epoch are restored at the end.  A non-finite training loss (divergence) ends training with
+    weights of the best epoch are restored at the end.
+
+    With ``guard`` (a :class:`~pyro_vmm.guard.NonFiniteGuard` over the module and the optimisers ``step`` uses),
+    each step runs under :func:`~pyro_vmm.guard.guarded_step`: a non-finite step is rolled back, the learning rates
+    lowered, a warning logged and the minibatch skipped; too many in a row raise
+    :class:`~pyro_vmm.guard.NonFiniteError`.  Without it, a non-finite training loss (divergence) ends training with
     ``stop_reason = 'non_finite_loss'`` and the best weights so far.
     """
     history = TrainingHistory()
@@ -145,6 +155,22 @@ def fit_minibatches(
             idx = perm[i : i + config.batch_size]
             if config.drop_last and idx.numel() < config.batch_size and n >= config.batch_size:
                 break
+            if guard is not None:
+                out: list = []
+
+                def run(batch: Tensor = x_train[idx]) -> list:
+                    out[:] = step(batch)
+                    return out
+
+                where = f"epoch {epoch}, batch {i // config.batch_size}"
+                if not guarded_step(guard, run, where=where):
+                    history.nan_rollbacks += 1
+                    continue
+                loss, em = out
+                losses.append(loss)
+                if em is not None:
+                    em_losses.append(em)
+                continue
             try:
                 loss, em = step(x_train[idx])
             except ValueError as err:  # a distribution's argument check caught NaN/inf parameters
@@ -157,9 +183,10 @@ def fit_minibatches(
                 break
             if em is not None:
                 em_losses.append(em)
-        history.train_loss.append(float(np.mean(losses)) if _finite(module) else math.nan)
+        # with a guard, NaN only means "every step of the epoch was rolled back" (the parameters are finite)
+        history.train_loss.append(float(np.mean(losses)) if losses and _finite(module) else math.nan)
         history.em_loss.append(float(np.mean(em_losses)) if em_losses else None)
-        if not math.isfinite(history.train_loss[-1]):
+        if guard is None and not math.isfinite(history.train_loss[-1]):
             history.stop_reason = "non_finite_loss"
             break
         postfix = {"loss": f"{history.train_loss[-1]:.2f}"}
@@ -232,7 +259,14 @@ def train_image_model(
         result = svi.step(batch)
         return result.elbo_loss, result.em_loss
 
-    return fit_minibatches(module, x, x_val, config, step, svi.evaluate_loss, desc=f"{module.prior.name}")
+    guard = _guard(module, svi.optimizers, config)
+    return fit_minibatches(
+        module, x, x_val, config, step, svi.evaluate_loss, desc=f"{module.prior.name}", guard=guard
+    )
+
+
+def _guard(module: torch.nn.Module, optimizers, config: TrainingConfig) -> NonFiniteGuard | None:
+    return NonFiniteGuard(module, optimizers, max_retries=config.max_nan_retries) if config.nan_guard else None
 
 
 def train_vade(
@@ -285,7 +319,14 @@ def train_vade(
         pre_opt = torch.optim.Adam(net_params, lr=pretrain_lr, eps=1e-7)
         pre_config = replace(config, epochs=n_pre, patience=None)
         pre_history = fit_minibatches(
-            module, x, None, pre_config, make_step(pre_opt, 0.0), val_loss, desc="vade pre-training"
+            module,
+            x,
+            None,
+            pre_config,
+            make_step(pre_opt, 0.0),
+            val_loss,
+            desc="vade pre-training",
+            guard=_guard(module, pre_opt, config),
         )
     z = latent_representation(module, x, sample=True, batch_size=config.eval_batch_size, seed=config.seed)
     gmm = GaussianMixture(
@@ -293,7 +334,8 @@ def train_vade(
     ).fit(z.cpu().double().numpy())
     module.init_from_gaussian_mixture(gmm)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=1e-7)
-    history = fit_minibatches(module, x, x_val, config, make_step(optimizer, 1.0), val_loss, desc="vade")
+    guard = _guard(module, optimizer, config)
+    history = fit_minibatches(module, x, x_val, config, make_step(optimizer, 1.0), val_loss, desc="vade", guard=guard)
     history.pretrain_loss = pre_history.train_loss
     return history
 

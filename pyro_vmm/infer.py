@@ -147,10 +147,32 @@ class AlternatingSVI:
         Pyro's distribution validation is switched off here: the EM program is fixed library code whose sites are
         checked by the test-suite, and validation roughly doubles the cost of this small step.
         """
+        return self.em_loss_and_assignments_at(z, assignments=False)[0]
+
+    def em_loss_and_assignments_at(
+        self, z: torch.Tensor, assignments: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """EM loss at ``z`` and (if asked) the hard assignments :math:`\arg\max_k q(c=k \mid z_n)` from the same
+        mixture parameters -- one pseudo-input encoder pass for both, as the training loop needs to count the
+        clusters in use."""
+        params = self.prior.mixture_params(self.pseudo_encoder) if hasattr(self.prior, "mixture_params") else None
         with pyro.validation_enabled(self.validate_em):
-            return self.em_elbo.differentiable_loss(
-                self.prior.em_model, _empty_guide, z, self.pseudo_encoder, self.attach_responsibilities
-            )
+            if params is None:
+                loss = self.em_elbo.differentiable_loss(
+                    self.prior.em_model, _empty_guide, z, self.pseudo_encoder, self.attach_responsibilities
+                )
+            else:
+                loss = self.em_elbo.differentiable_loss(
+                    self.prior.em_model, _empty_guide, z, self.pseudo_encoder, self.attach_responsibilities, params
+                )
+        assign = None
+        if assignments:
+            with torch.no_grad():
+                if params is None:
+                    assign = self.prior.assign(z, self.pseudo_encoder)
+                else:
+                    assign = self.prior.cluster_logits(z, params=params.detach()).argmax(-1)
+        return loss, assign
 
     # -- one alternating step ---------------------------------------------------------------------------------------
     def _optimizers(self) -> tuple[torch.optim.Optimizer | None, torch.optim.Optimizer | None]:

@@ -158,6 +158,13 @@ class MixtureParams:
     prec_tril: Tensor  #: (K, D, D) Cholesky factors L_k of the precisions Lambda_k = L_k L_k^T
     loc_cov: Tensor | None = None  #: (K, D, D) S_k, covariance of q(mu_k | u_k) (VMM only)
 
+    def detach(self) -> MixtureParams:
+        """The same values off the autograd graph."""
+        return MixtureParams(
+            self.log_pi.detach(), self.loc.detach(), self.prec_tril.detach(),
+            None if self.loc_cov is None else self.loc_cov.detach(),
+        )
+
     def predictive_components(self) -> dist.MultivariateNormal:
         r""":math:`\mathcal N(m_k, \Lambda_k^{-1} + S_k)` (GMM: :math:`S_k = 0`), batch shape ``(K,)``."""
         cov = torch.cholesky_inverse(self.prec_tril)
@@ -332,7 +339,11 @@ class _MixturePrior(LatentPrior):
         self.mean_hyperprior(params)
 
     def em_model(
-        self, z: Tensor, encoder: PseudoEncoder | None = None, attach_responsibilities: bool = False
+        self,
+        z: Tensor,
+        encoder: PseudoEncoder | None = None,
+        attach_responsibilities: bool = False,
+        params: MixtureParams | None = None,
     ) -> None:
         r"""Generative program of the EM step, for ``TraceEnum_ELBO`` (``max_plate_nesting=1``).
 
@@ -344,8 +355,11 @@ class _MixturePrior(LatentPrior):
         whose gradient is the EM gradient (responsibilities held fixed).  ``attach_responsibilities=True`` adds
         :math:`\sum_n \sum_k r_{nk}\log r_{nk}` and reproduces the reference code's objective
         :math:`\sum_n\sum_k r_{nk}(\ell_{nk} + \log\pi_k)` with :math:`r` left on the graph.
+        ``params`` (from :meth:`mixture_params`, still on the autograd graph) saves a second pseudo-input pass when
+        the caller also needs them, e.g. to track cluster use.
         """
-        params = self.mixture_params(encoder)
+        if params is None:
+            params = self.mixture_params(encoder)
         b = z.shape[0]
         with poutine.scale(scale=1.0 / b):
             self.hyperprior(params)
@@ -357,8 +371,11 @@ class _MixturePrior(LatentPrior):
                     r = torch.softmax(ell + params.log_pi, -1)
                     pyro.factor("neg_entropy", (r * r.clamp_min(1e-30).log()).sum(-1))
 
-    def cluster_logits(self, z: Tensor, encoder: PseudoEncoder | None = None) -> Tensor:
-        p = self.mixture_params(encoder)
+    def cluster_logits(
+        self, z: Tensor, encoder: PseudoEncoder | None = None, params: MixtureParams | None = None
+    ) -> Tensor:
+        """:math:`\ell_{nk} + \log\pi_k` (the VMM's expected form); ``params`` skips recomputing them."""
+        p = self.mixture_params(encoder) if params is None else params
         return gaussian_expected_log_lik(z, p.loc, p.prec_tril, p.loc_cov) + p.log_pi
 
     def extra_repr(self) -> str:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pyro_vmm.models.scvi import VMMSCVIModule
 
+from .checkpoint import load_checkpoint
 from .infer import AlternatingSVI
 from .training_plan import VMMTrainingPlan
 from .utils import set_seed
@@ -105,17 +106,36 @@ class CountsDataset(Dataset):
 
 
 class MinibatchSampler(Sampler):
-    """Yields index tensors of ``batch_size`` rows (a fresh ``torch.randperm`` per epoch when ``shuffle``).
+    """Yields index tensors of ``batch_size`` rows, in a new random order each epoch when ``shuffle``.
 
+    With ``seed``, epoch ``e``'s order is ``torch.randperm(n)`` under a generator seeded with
+    ``seed * 1_000_003 + e`` (Lightning calls :meth:`set_epoch` before each epoch): a pure function of
+    ``(seed, e)``, so a run resumed from a checkpoint sees the same minibatches as an uninterrupted one, and the
+    global RNG is not touched.  Without ``seed`` the order is drawn from the global torch RNG.
     A trailing minibatch of a single cell is dropped while training (BatchNorm cannot normalise one cell)."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_singleton: bool = False) -> None:
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, drop_singleton: bool = False, seed: int | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.batch_size, self.shuffle, self.drop_singleton = int(n), int(batch_size), shuffle, drop_singleton
+        self.seed = None if seed is None else int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        if self.seed is None:
+            return torch.randperm(self.n)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        return torch.randperm(self.n, generator=gen)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        order = self._order()
         for start in range(0, self.n, self.batch_size):
             idx = order[start : start + self.batch_size]
             if self.drop_singleton and len(idx) == 1 and self.n > 1:
@@ -127,16 +147,22 @@ class MinibatchSampler(Sampler):
         return full + int(rest > 0 and not (self.drop_singleton and rest == 1 and self.n > 1))
 
 
-def _loader(dataset: CountsDataset, batch_size: int, shuffle: bool, drop_singleton: bool) -> DataLoader:
-    sampler = MinibatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_singleton=drop_singleton)
-    return DataLoader(dataset, sampler=sampler, batch_size=None)
+def _loader(
+    dataset: CountsDataset, batch_size: int, shuffle: bool, drop_singleton: bool, seed: int | None = None
+) -> DataLoader:
+    sampler = MinibatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_singleton=drop_singleton, seed=seed)
+    # a private generator: otherwise each iter(loader) draws a worker base seed from the global torch RNG, which
+    # would make the random stream depend on when loaders are iterated (and break exact resume)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(0))
 
 
 class InMemoryDataSplitter(DataSplitter):
     """scvi-tools' train/validation/test split, with minibatches sliced from tensors held in memory.
 
     The split is exactly ``DataSplitter``'s (same sizes, same ``scvi.settings.seed`` permutation).  With a CUDA
-    accelerator the dense counts are copied to the device once (like ``DeviceBackedDataSplitter``)."""
+    accelerator the dense counts are copied to the device once (like ``DeviceBackedDataSplitter``).
+    ``shuffle_seed`` makes each epoch's training order a function of ``(shuffle_seed, epoch)``
+    (:class:`MinibatchSampler`)."""
 
     def __init__(
         self,
@@ -148,6 +174,7 @@ class InMemoryDataSplitter(DataSplitter):
         accelerator: str = "auto",
         device: int | str = "auto",
         max_dense_bytes: int = MAX_DENSE_BYTES,
+        shuffle_seed: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -160,6 +187,7 @@ class InMemoryDataSplitter(DataSplitter):
         )
         self.batch_size = int(batch_size)
         self.max_dense_bytes = max_dense_bytes
+        self.shuffle_seed = shuffle_seed
         _, _, self.device = parse_device_args(accelerator=accelerator, devices=device, return_device="torch")
         self._sets: dict[str, CountsDataset | None] | None = None
 
@@ -178,7 +206,7 @@ class InMemoryDataSplitter(DataSplitter):
         self._sets = {"train": subset(self.train_idx), "val": subset(self.val_idx), "test": subset(self.test_idx)}
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self._sets["train"], self.batch_size, shuffle=True, drop_singleton=True)
+        return _loader(self._sets["train"], self.batch_size, shuffle=True, drop_singleton=True, seed=self.shuffle_seed)
 
     def val_dataloader(self) -> DataLoader | None:
         ds = self._sets["val"]
@@ -187,6 +215,19 @@ class InMemoryDataSplitter(DataSplitter):
     def test_dataloader(self) -> DataLoader | None:
         ds = self._sets["test"]
         return None if ds is None else _loader(ds, self.batch_size, shuffle=False, drop_singleton=False)
+
+
+def _load_training_checkpoint(path: Path, kind: str) -> dict:
+    """Read a training checkpoint, adding to a read error what :meth:`VMMSCVI.train` can do about it."""
+    from .validation import InputError
+
+    try:
+        return load_checkpoint(path, kind=kind)
+    except InputError as err:
+        raise InputError(
+            f"cannot resume from the newest checkpoint in {str(path.parent)!r}: {err} To resume from the previous "
+            f"checkpoint in that folder, delete {path.name}; to start over, pass another (empty) checkpoint_dir."
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,9 +350,25 @@ class VMMSCVI(BaseModelClass):
         enable_progress_bar: bool = True,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        nan_guard: bool = True,
+        max_nan_retries: int = 5,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = True,
         **trainer_kwargs,
     ):
         """Fit by alternating one VI step and one EM step per minibatch (see :mod:`pyro_vmm.training_plan`).
+
+        Reliability: with ``nan_guard`` a step whose losses or parameters go non-finite is rolled back, both learning
+        rates are halved and a warning is logged; ``max_nan_retries`` failures in a row raise
+        :class:`~pyro_vmm.guard.NonFiniteError`.  With ``checkpoint_dir`` the full training state is written there
+        atomically every ``checkpoint_every`` epochs (the 2 newest are kept), and a later call with the same
+        arguments and ``resume=True`` continues from the newest one, ending with the same parameters as an
+        uninterrupted run (CPU; see :mod:`pyro_vmm.resume`)::
+
+            model.train(max_epochs=400, seed=0, checkpoint_dir="run1/ckpt")   # killed after some epochs ...
+            model = VMMSCVI(adata, seed=0)                                    # ... later, in a new process:
+            model.train(max_epochs=400, seed=0, checkpoint_dir="run1/ckpt")   # continues from the last epoch
 
         Parameters
         ----------
@@ -332,14 +389,39 @@ class VMMSCVI(BaseModelClass):
             ``attach_responsibilities``, ``track_utilized_clusters``, ``fused_adam``, ``validate_distributions``).
         datasplitter_kwargs
             Extra :class:`InMemoryDataSplitter` arguments.
+        nan_guard, max_nan_retries
+            Non-finite step guard (``plan_kwargs`` take ``nan_lr_factor`` and ``guard_every`` for a cheaper guard).
+        checkpoint_dir, checkpoint_every, resume
+            Folder for checkpoints, their interval in epochs, and whether to continue from the newest one there
+            (``resume=False`` refuses a folder that already holds checkpoints rather than overwrite them).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning ``Trainer`` arguments).
         """
+        from .resume import (
+            CHECKPOINT_KIND,
+            AtomicCheckpointIO,
+            EpochCheckpointer,
+            check_resume_payload,
+            find_resume_checkpoint,
+            run_fingerprint,
+        )
+
         if seed is not None:
             settings.seed = seed
             set_seed(seed)
         if max_epochs is None:
             max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        resume_path = payload = None
+        if checkpoint_dir is not None:
+            resume_path = find_resume_checkpoint(checkpoint_dir, resume)
+            if resume_path is not None:
+                payload = _load_training_checkpoint(resume_path, CHECKPOINT_KIND)
+        if seed is not None:
+            shuffle_seed = int(seed)
+        elif payload is not None and isinstance(payload.get("pyro_vmm"), dict):
+            shuffle_seed = payload["pyro_vmm"].get("shuffle_seed")
+        else:
+            shuffle_seed = int(torch.randint(2**31 - 1, (1,)))
         splitter = self._data_splitter_cls(
             self.adata_manager,
             train_size=train_size,
@@ -347,14 +429,27 @@ class VMMSCVI(BaseModelClass):
             batch_size=batch_size,
             accelerator=accelerator,
             device=devices,
-            **(datasplitter_kwargs or {}),
+            **{"shuffle_seed": shuffle_seed, **(datasplitter_kwargs or {})},
         )
         if early_stopping and splitter.n_val == 0:
             raise ValueError(
                 "early_stopping monitors elbo_validation but the split has no validation cells; "
                 "set train_size < 1 (e.g. 0.9) or early_stopping=False"
             )
-        plan = self._training_plan_cls(self.module, lr=lr, prior_lr_ratio=prior_lr_ratio, **(plan_kwargs or {}))
+        plan_kwargs = {"nan_guard": nan_guard, "max_nan_retries": max_nan_retries, **(plan_kwargs or {})}
+        plan = self._training_plan_cls(self.module, lr=lr, prior_lr_ratio=prior_lr_ratio, **plan_kwargs)
+        if checkpoint_dir is not None:
+            splitter.setup()
+            fingerprint = run_fingerprint(self.adata, self.adata_manager, splitter, seed=seed, batch_size=batch_size)
+            if payload is not None:
+                check_resume_payload(resume_path, payload, fingerprint, self.module.state_dict())
+                logger.info("resuming from %s (epoch %s)", resume_path, payload.get("epoch"))
+            plan.checkpointer = EpochCheckpointer(
+                checkpoint_dir, every=checkpoint_every, extra={**fingerprint, "shuffle_seed": shuffle_seed}
+            )
+            trainer_kwargs["plugins"] = [*list(trainer_kwargs.get("plugins") or []), AtomicCheckpointIO()]
+            if resume_path is not None:
+                trainer_kwargs["ckpt_path"] = str(resume_path)
         trainer_kwargs.setdefault("early_stopping", early_stopping)
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("enable_progress_bar", enable_progress_bar)

@@ -19,7 +19,17 @@ Logged once per epoch, as Python floats: ``elbo_train`` (mean per-cell negative 
 early stopping monitors it) and ``utilized_clusters_validation`` (number of components that are
 :math:`\arg\max_k q(c=k|z)` of at least one validation cell, z the posterior mean, as in the final evaluation).
 ``track_utilized_clusters=True`` adds ``utilized_clusters_train``, the reference's per-epoch count over training
-cells (z the EM-step samples), at the cost of one more pass of the pseudo-inputs through the encoder per step.
+cells (z the EM-step samples, assignments from the EM step's own mixture parameters: no extra encoder pass).
+
+NaN safety (``nan_guard=True``, the default): each minibatch's VI + EM pair runs under a
+:class:`~pyro_vmm.guard.NonFiniteGuard`.  After the pair, the two losses and every parameter and floating buffer
+are checked; a non-finite value (or an error about invalid values) rolls the module and both Adam states back to
+the last good copy, multiplies both learning rates by ``nan_lr_factor`` (:math:`\eta \leftarrow 0.5\,\eta`),
+logs a warning naming the epoch, batch and new rates, and skips the minibatch.  After ``max_nan_retries``
+rollbacks in a row :class:`~pyro_vmm.guard.NonFiniteError` is raised.  The good copy is refreshed (in-place, into
+preallocated buffers) every ``guard_every`` kept steps; ``guard_every > 1`` is cheaper and rolls back up to
+``guard_every - 1`` further steps.  ``elbo_train`` averages the kept minibatches only; ``nan_rollbacks`` (logged
+per epoch) counts the rolled-back ones in total.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from .guard import NonFiniteGuard, guarded_step
 from .infer import AlternatingSVI, sample_latent
 
 __all__ = ["VMMTrainingPlan"]
@@ -51,12 +62,20 @@ class VMMTrainingPlan(pl.LightningModule):
     attach_responsibilities
         Use the reference code's EM objective (responsibilities left on the graph).
     track_utilized_clusters
-        Also log ``utilized_clusters_train`` (one extra cluster assignment per step, no host sync).
+        Also log ``utilized_clusters_train`` (an argmax per step on the EM step's parameters, no host sync).
     fused_adam
         Rebuild both Adam optimisers with ``fused=True`` (falls back to the plain ones where unsupported).
     validate_distributions
         Keep Pyro's distribution argument/support checks on during training (off by default: the counts were checked
         by ``setup_anndata``, and the checks cost ~5% of a step).
+    nan_guard
+        Run each step under the non-finite guard (see the module docstring).
+    max_nan_retries
+        Rollbacks in a row allowed before :class:`~pyro_vmm.guard.NonFiniteError`.
+    nan_lr_factor
+        Factor in (0, 1] applied to both learning rates at each rollback.
+    guard_every
+        Refresh the guard's good copy every this many kept steps (1: roll back exactly one step).
     """
 
     def __init__(
@@ -69,6 +88,10 @@ class VMMTrainingPlan(pl.LightningModule):
         track_utilized_clusters: bool = False,
         validate_distributions: bool = False,
         fused_adam: bool = True,
+        nan_guard: bool = True,
+        max_nan_retries: int = 5,
+        nan_lr_factor: float = 0.5,
+        guard_every: int = 1,
     ) -> None:
         super().__init__()
         self.module = module
@@ -84,6 +107,24 @@ class VMMTrainingPlan(pl.LightningModule):
         self.track_utilized_clusters = track_utilized_clusters
         self.validate_distributions = validate_distributions
         self.fused_adam = fused_adam
+        if isinstance(guard_every, bool) or not isinstance(guard_every, int) or guard_every < 1:
+            raise ValueError(f"guard_every must be an integer >= 1, got {guard_every!r}; e.g. guard_every=1")
+        if isinstance(max_nan_retries, bool) or not isinstance(max_nan_retries, int) or max_nan_retries < 0:
+            raise ValueError(f"max_nan_retries must be an integer >= 0, got {max_nan_retries!r}; e.g. 5")
+        if not 0 < nan_lr_factor <= 1:
+            raise ValueError(f"nan_lr_factor must be in (0, 1], got {nan_lr_factor!r}; e.g. 0.5 halves the rate")
+        self.nan_guard = nan_guard
+        self.max_nan_retries = max_nan_retries
+        self.nan_lr_factor = nan_lr_factor
+        self.guard_every = guard_every
+        self.guard: NonFiniteGuard | None = None
+        self._kept_since_snapshot = 0
+        #: guard counters / RNG state restored from a checkpoint, applied when training starts (see resume.py)
+        self._resume_state: dict | None = None
+        #: epoch-level values logged by on_train_epoch_end (a checkpoint written at that epoch's end stores them)
+        self.last_epoch_metrics: dict[str, float] = {}
+        #: writes checkpoints at the end of training epochs (:class:`pyro_vmm.resume.EpochCheckpointer`)
+        self.checkpointer = None
         self.n_obs_training: int | None = None  # set by scvi's TrainRunner
         self.n_obs_validation: int | None = None
         self._reset_train_accumulators()
@@ -128,11 +169,70 @@ class VMMTrainingPlan(pl.LightningModule):
         return value if acc is None else acc + value
 
     # ---------------------------------------------------------------------------------------------- steps
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from .resume import training_extra
+
+        checkpoint["pyro_vmm"] = training_extra(self, self.checkpointer.extra if self.checkpointer else {})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_state = dict(checkpoint.get("pyro_vmm") or {})
+        history = self._resume_state.pop("history", None)
+        if history:
+            from .resume import restore_history
+
+            restore_history(self.trainer.logger, history)
+
+    def on_train_epoch_start(self) -> None:
+        # a resumed run continues the random streams saved at the end of the checkpointed epoch
+        rng = (self._resume_state or {}).pop("rng", None)
+        if rng is not None:
+            from .checkpoint import set_rng_state
+
+            set_rng_state(rng)
+
+    def on_train_start(self) -> None:
+        if self.nan_guard:
+            _, raw = self._optimizer_list()
+            self.guard = NonFiniteGuard(
+                self.module, raw, max_retries=self.max_nan_retries, lr_factor=self.nan_lr_factor
+            )
+            counters = (self._resume_state or {}).get("guard")
+            if counters:
+                self.guard.consecutive_rollbacks = int(counters["consecutive_rollbacks"])
+                self.guard.n_rollbacks = int(counters["n_rollbacks"])
+            self._kept_since_snapshot = 0
+
+    def guard_state(self) -> dict[str, int]:
+        """The guard's counters (for checkpoints); zeros without a guard."""
+        g = self.guard
+        return {
+            "consecutive_rollbacks": g.consecutive_rollbacks if g else 0,
+            "n_rollbacks": g.n_rollbacks if g else 0,
+        }
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with pyro.validation_enabled(self.validate_distributions):
-            self._alternating_step(batch)
+            if self.guard is None:
+                self._accumulate(*self._alternating_step(batch))
+                return
+            out: list = []
 
-    def _alternating_step(self, batch: dict[str, Tensor]) -> None:
+            def step():
+                out[:] = self._alternating_step(batch)
+                return out[1], out[2]  # (vi loss, em loss) are checked, with every parameter and buffer
+
+            where = f"epoch {self.current_epoch}, batch {batch_idx} (global step {self.global_step})"
+            snapshot_due = self._kept_since_snapshot + 1 >= self.guard_every
+            if guarded_step(self.guard, step, where=where, store=snapshot_due):
+                self._kept_since_snapshot = 0 if snapshot_due else self._kept_since_snapshot + 1
+                self._accumulate(*out)
+            else:
+                self._kept_since_snapshot = 0
+
+    def _alternating_step(self, batch: dict[str, Tensor]) -> tuple[int, Tensor, Tensor | None, Tensor | None]:
+        """One VI step then one EM step; returns ``(n, vi_loss, em_loss, assignments)`` (detached; EM parts ``None``
+        if no EM; assignments only with ``track_utilized_clusters``, from the EM step's own pseudo-input pass)."""
         args, kwargs = self.module._get_fn_args_from_batch(batch)
         n = int(args[0].shape[0])
         (vi_opt, *_), (_, *raw_rest) = self._optimizer_list()
@@ -142,39 +242,47 @@ class VMMTrainingPlan(pl.LightningModule):
         vi_loss = self.svi.vi_loss(*args, **kwargs)
         self.manual_backward(vi_loss)
         vi_opt.step()
-        self._elbo_sum = self._add(self._elbo_sum, vi_loss * n)
-        self._n_train += n
+        em_loss = assign = None
 
         # 2. EM step (prior parameters; networks fixed), same minibatch, updated encoder
         if raw_rest:
             em_opt = raw_rest[0]
             self.module.zero_grad(set_to_none=True)
             z = sample_latent(self.module, *args, latent_site=self.svi.latent_site, **kwargs)
-            em_loss = self.svi.em_loss_at(z)
+            em_loss, assign = self.svi.em_loss_and_assignments_at(z, assignments=self.track_utilized_clusters)
             self.manual_backward(em_loss)
             em_opt.step()
+            em_loss = em_loss.detach()
+        self.module.zero_grad(set_to_none=True)
+        return n, vi_loss.detach(), em_loss, assign
+
+    def _accumulate(self, n: int, vi_loss: Tensor, em_loss: Tensor | None, assign: Tensor | None) -> None:
+        self._elbo_sum = self._add(self._elbo_sum, vi_loss * n)
+        self._n_train += n
+        if em_loss is not None:
             self._em_sum = self._add(self._em_sum, em_loss * n)
             self._n_em += n
-            if self.track_utilized_clusters:
-                self._track_clusters(z)
-        self.module.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def _track_clusters(self, z: Tensor) -> None:
-        prior = self.module.prior
-        assign = prior.assign(z, self.svi.pseudo_encoder)
-        if self._used is None:
-            self._used = torch.zeros(prior.n_components, dtype=torch.bool, device=z.device)
-        self._used[assign] = True
+        if assign is not None:
+            if self._used is None:
+                self._used = torch.zeros(self.module.prior.n_components, dtype=torch.bool, device=assign.device)
+            self._used[assign] = True
 
     def on_train_epoch_end(self) -> None:
+        metrics: dict[str, float] = {}
         if self._n_train:
-            self.log("elbo_train", float(self._elbo_sum) / self._n_train)
+            metrics["elbo_train"] = float(self._elbo_sum) / self._n_train
         if self._n_em:
-            self.log("em_loss_train", float(self._em_sum) / self._n_em)
+            metrics["em_loss_train"] = float(self._em_sum) / self._n_em
         if self._used is not None:
-            self.log("utilized_clusters_train", float(self._used.sum()))
+            metrics["utilized_clusters_train"] = float(self._used.sum())
+        if self.guard is not None and self.guard.n_rollbacks:
+            metrics["nan_rollbacks"] = float(self.guard.n_rollbacks)
+        for key, value in metrics.items():
+            self.log(key, value)
+        self.last_epoch_metrics = metrics
         self._reset_train_accumulators()
+        if self.checkpointer is not None:
+            self.checkpointer(self.trainer, self.current_epoch + 1)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the per-cell negative ELBO (Lightning has put the networks in eval mode)."""

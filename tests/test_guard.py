@@ -164,3 +164,39 @@ def test_rollback_needs_a_snapshot_and_arguments_are_checked(toy_vae):
         NonFiniteGuard(vae, svi.optimizers, max_retries=-1)
     with pytest.raises(TypeError, match="modules must be"):
         NonFiniteGuard("vae", svi.optimizers)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_where_names_the_step_in_the_warning_and_the_error(setup, caplog):
+    vae, svi, guard, x = setup
+    bad = _nan_batch(x)
+    with caplog.at_level(logging.WARNING, logger="pyro_vmm.guard"):
+        assert not guarded_step(guard, lambda: svi.step(bad), where="epoch 4, batch 7")
+    assert "non-finite training step at epoch 4, batch 7 (" in caplog.text
+    guard.consecutive_rollbacks = guard.max_retries
+    with pytest.raises(NonFiniteError, match=r"in a row \(last at epoch 5, batch 0: "):
+        guarded_step(guard, lambda: svi.step(bad), where="epoch 5, batch 0")
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_store_false_keeps_the_older_snapshot(setup):
+    """The cheap mode: kept steps without a refresh; a later failure rolls back past them to the snapshot."""
+    vae, svi, guard, x = setup
+    snap = _state(vae, svi)
+    assert guarded_step(guard, lambda: svi.step(x), store=False)  # kept, not stored
+    assert not torch.equal(vae.decoder.weight, snap[0]["decoder.weight"])
+    assert not guarded_step(guard, lambda: svi.step(_nan_batch(x)))
+    _assert_state_equal(vae, svi, snap)  # back to before the kept-but-unstored step
+    guard.consecutive_rollbacks = 1
+    assert guarded_step(guard, lambda: svi.step(x), store=False) and guard.consecutive_rollbacks == 0
+
+
+def test_fast_check_has_no_false_alarm_when_a_sum_overflows(setup):
+    vae, svi, guard, x = setup
+    with torch.no_grad():
+        vae.decoder.weight.fill_(3e38)  # every entry finite, their float32 sum is inf
+    assert torch.isinf(vae.decoder.weight.sum())
+    assert guard.check(0.0) and guard.last_problem is None
+    with torch.no_grad():
+        vae.decoder.weight[1, 1] = float("nan")
+    assert not guard.check(0.0) and "parameter 'decoder.weight' (1 of 12 entries)" in guard.last_problem

@@ -150,3 +150,38 @@ def test_train_image_model_is_repeatable_and_evaluation_protocols():
     assert probs.shape == (90, 6) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     scores = evaluate_clustering(a, x, labels, sample=False)
     assert scores.utilized_clusters == np.unique(probs.argmax(1)).size
+
+
+def test_guard_rolls_back_nan_steps_lowers_the_lr_and_gives_up_after_max_retries(caplog):
+    import logging
+
+    from pyro_vmm.guard import NonFiniteError, NonFiniteGuard
+
+    module = Counter()
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    poison = {2, 3}  # the 3rd and 4th steps go NaN
+
+    def step(batch):
+        opt.zero_grad()
+        n = step.calls
+        step.calls += 1
+        loss = (module.w - 10.0) ** 2 * (math.nan if n in poison else 1.0)
+        loss.backward()
+        opt.step()
+        return float(loss.detach()), None
+
+    step.calls = 0
+    cfg = TrainingConfig(epochs=6, batch_size=8, patience=None, progress=False, eval_batch_size=8)
+    guard = NonFiniteGuard(module, opt, max_retries=3)
+    with caplog.at_level(logging.WARNING, logger="pyro_vmm.guard"):
+        hist = fit_minibatches(module, torch.zeros(8, 2), None, cfg, step, lambda b: 1.0, guard=guard)
+    assert hist.nan_rollbacks == 2 and hist.stop_reason == "max_epochs"
+    assert "at epoch 2, batch 0" in caplog.text and "at epoch 3, batch 0" in caplog.text
+    assert opt.param_groups[0]["lr"] == 0.25
+    assert math.isfinite(float(module.w)) and math.isnan(hist.train_loss[2])  # no kept step in epochs 2 and 3
+    assert all(math.isfinite(v) for i, v in enumerate(hist.train_loss) if i not in (2, 3))
+
+    poison.update(range(100))
+    with pytest.raises(NonFiniteError, match="4 times in a row"):
+        fit_minibatches(module, torch.zeros(8, 2), None, cfg, step, lambda b: 1.0, guard=guard)
+    assert math.isfinite(float(module.w))

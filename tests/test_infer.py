@@ -44,6 +44,24 @@ def test_em_gradient_is_expected_complete_data_gradient(name, toy_vae):
     assert any(g.abs().sum() > 0 for g in torch.autograd.grad(hyper, params, allow_unused=True) if g is not None)
 
 
+@pytest.mark.parametrize("name", ["gmm", "vmm"])
+def test_fused_em_loss_and_assignments_equal_separate_calls(name, toy_vae):
+    """One pseudo-input pass for the EM loss and the cluster tracking gives the same numbers as two."""
+    set_seed(3)
+    vae = toy_vae(prior=name, n_components=5)
+    with torch.no_grad():
+        vae.prior.logits_unconstrained.copy_(torch.randn(5))
+    svi = AlternatingSVI(vae, make_optimizers=False)
+    z = 2 * torch.randn(40, 2)
+    loss, assign = svi.em_loss_and_assignments_at(z)
+    torch.testing.assert_close(loss, svi.em_loss_at(z))
+    expected = vae.prior.assign(z, svi.pseudo_encoder)
+    assert torch.equal(assign, expected) and len(torch.unique(expected)) > 1
+    params = list(vae.prior.em_parameters())
+    for g, g_ref in zip(torch.autograd.grad(loss, params), torch.autograd.grad(svi.em_loss_at(z), params), strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_attached_responsibilities_reproduce_reference_objective(toy_vae):
     set_seed(1)
     vae = toy_vae(prior="gmm", n_components=4)

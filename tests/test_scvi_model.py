@@ -255,6 +255,23 @@ def test_same_seed_same_parameters(small_adata):
     assert not torch.equal(i1["mean_encoder.weight"], other["mean_encoder.weight"])
 
 
+def test_tracked_training_clusters_and_tracking_changes_nothing_else(small_adata):
+    """track_utilized_clusters logs the count of clusters hit by the EM-step samples, from the EM step's own pass,
+    and leaves the trained parameters exactly as without tracking."""
+    a = _setup(small_adata)
+    runs = []
+    for track in (False, True):
+        model = VMMSCVI(a, prior="vmm", seed=2, **TINY)
+        model.train(max_epochs=2, seed=2, plan_kwargs=dict(track_utilized_clusters=track), **TRAIN)
+        runs.append(model)
+    plain, tracked = runs
+    used = tracked.history["utilized_clusters_train"].to_numpy().ravel()
+    assert "utilized_clusters_train" not in plain.history
+    assert len(used) == 2 and np.all((used >= 1) & (used <= TINY["n_clusters"]))
+    s1, s2 = plain.module.state_dict(), tracked.module.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
 def test_plan_steps_own_disjoint_parameters(small_adata, monkeypatch):
     """Inside Lightning: the VI step leaves prior parameters alone, the EM step leaves networks (and BN) alone."""
     import lightning.pytorch as pl
@@ -268,11 +285,11 @@ def test_plan_steps_own_disjoint_parameters(small_adata, monkeypatch):
     def snapshot():
         snaps.append({k: v.detach().clone() for k, v in model.module.state_dict().items()})
 
-    original = AlternatingSVI.em_loss_at
+    original = AlternatingSVI.em_loss_and_assignments_at
 
-    def em_loss_at(self, z):
+    def em_loss_and_assignments_at(self, z, assignments=True):
         snapshot()  # after the VI step, before the EM step
-        return original(self, z)
+        return original(self, z, assignments)
 
     class Snap(pl.Callback):
         def on_train_batch_start(self, *args):
@@ -281,7 +298,7 @@ def test_plan_steps_own_disjoint_parameters(small_adata, monkeypatch):
         def on_train_batch_end(self, *args):
             snapshot()
 
-    monkeypatch.setattr(AlternatingSVI, "em_loss_at", em_loss_at)
+    monkeypatch.setattr(AlternatingSVI, "em_loss_and_assignments_at", em_loss_and_assignments_at)
     model.train(max_epochs=1, seed=2, callbacks=[Snap()], **TRAIN)
     n_batches = len(snaps) // 3
     assert n_batches >= 3 and len(snaps) == 3 * n_batches

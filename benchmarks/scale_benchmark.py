@@ -1,0 +1,278 @@
+"""Speed and scale of VMM-scVI against scvi-tools SCVI on synthetic counts (issue 5).
+
+Three parts, each optional:
+
+``--epochs-table``  per-epoch wall and CPU time and peak RSS growth of VMM-scVI (K = 100) and scvi-tools SCVI on the
+    same synthetic counts (``--cells``, default 10k and 100k, x 2000 genes, 2 batches), batch sizes 128 and 1024,
+    same networks (1 x 128 hidden, latent 10, ZINB), the two models alternating within one process; the median of
+    ``--epochs`` timed epochs after one warm-up epoch.
+``--k-table``       the EM step's share of a training step (VI step, z draw + EM step, timed separately on the same
+    minibatches) for K in {10, 100, 500}, and a straight-line fit of step time against K (R^2).
+``--million``       one epoch of VMM-scVI on 1,000,000 sparse synthetic cells x 2000 genes (CSR end to end) with the
+    peak resident memory of the process.
+
+Synthetic counts: ``n_types`` cell types with log-normal gene profiles, a per-batch gene shift, library sizes
+log-normal around ``--library`` UMIs, negative-binomial draws (theta = 5), stored as CSR.
+
+Run from the repository root, e.g.::
+
+    python benchmarks/scale_benchmark.py --epochs-table --k-table
+    python benchmarks/scale_benchmark.py --million
+
+Prints a table per part and writes ``benchmarks/results/scale_benchmark.json`` (parts merge into the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def synthetic_counts(n_cells: int, n_genes: int = 2000, n_batches: int = 2, n_types: int = 10, library: float = 1500.0,
+                     seed: int = 0, chunk: int = 50_000):
+    """AnnData with CSR counts (float32), ``obs['batch']`` and ``obs['cell_type']``; built chunk-wise, never dense."""
+    import anndata
+    import pandas as pd
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    profiles = rng.dirichlet(np.full(n_genes, 0.3), size=n_types)  # (T, G) gene proportions per type
+    shift = np.exp(rng.normal(0, 0.3, size=(n_batches, n_genes)))
+    types = rng.integers(n_types, size=n_cells)
+    batches = rng.integers(n_batches, size=n_cells)
+    blocks = []
+    for start in range(0, n_cells, chunk):
+        t, b = types[start : start + chunk], batches[start : start + chunk]
+        lib = library * np.exp(rng.normal(0, 0.3, size=len(t)))
+        mu = profiles[t] * shift[b]
+        mu *= (lib / mu.sum(1))[:, None]
+        theta = 5.0
+        counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+        blocks.append(sparse.csr_matrix(counts))
+        del counts, mu
+    x = sparse.vstack(blocks, format="csr")
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical([f"b{i}" for i in batches]), "cell_type": pd.Categorical([f"t{i}" for i in types])},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
+    return anndata.AnnData(X=x, obs=obs, var=var)
+
+
+def _timer():
+    import lightning.pytorch as pl
+
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.wall: list[float] = []
+            self.cpu: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.wall.append(time.perf_counter() - self._t0)
+            self.cpu.append(time.process_time() - self._c0)
+
+    return EpochTimer()
+
+
+def fit_scvi(adata, batch_size: int, epochs: int, seed: int):
+    import scvi
+
+    scvi.settings.seed = seed
+    a = adata.copy()
+    scvi.model.SCVI.setup_anndata(a, batch_key="batch")
+    model = scvi.model.SCVI(a, n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb",
+                            encode_covariates=True, deeply_inject_covariates=False)
+    timer = _timer()
+    model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, early_stopping=False,
+                enable_progress_bar=False, check_val_every_n_epoch=10**6, callbacks=[timer],
+                plan_kwargs=dict(lr=1e-3, n_epochs_kl_warmup=None, weight_decay=0.0, eps=1e-7))
+    return timer
+
+
+def fit_vmm(adata, batch_size: int, epochs: int, seed: int, k: int = 100, prior: str = "vmm", **train_kwargs):
+    from pyro_vmm import VMMSCVI
+
+    a = adata.copy() if adata.filename is None else adata
+    VMMSCVI.setup_anndata(a, batch_key="batch")
+    model = VMMSCVI(a, prior=prior, n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=seed)
+    timer = _timer()
+    model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, early_stopping=False,
+                enable_progress_bar=False, check_val_every_n_epoch=10**6, seed=seed, callbacks=[timer], **train_kwargs)
+    return timer
+
+
+def epochs_table(args) -> list[dict]:
+    rows = []
+    for n in args.cells:
+        adata = synthetic_counts(n, seed=args.seed)
+        for bs in args.batch_sizes:
+            for name, fn in (("scvi-tools SCVI", fit_scvi), ("VMM-scVI (K=100)", fit_vmm)):
+                gc.collect()
+                rss0 = peak_rss_gb()
+                timer = fn(adata, bs, args.epochs + 1, args.seed)
+                wall, cpu = timer.wall[1:], timer.cpu[1:]
+                rows.append(dict(cells=n, genes=adata.n_vars, batch_size=bs, model=name,
+                                 s_per_epoch=statistics.median(wall), cpu_s_per_epoch=statistics.median(cpu),
+                                 cells_per_s=0.9 * n / statistics.median(wall), epoch_wall_s=wall,
+                                 peak_rss_gb=peak_rss_gb(), peak_rss_growth_gb=peak_rss_gb() - rss0))
+                print(f"  {n:>7} cells  batch {bs:>5}  {name:<18} {rows[-1]['s_per_epoch']:8.2f} s/epoch", flush=True)
+            scvi_row, vmm_row = rows[-2], rows[-1]
+            vmm_row["ratio_to_scvi"] = vmm_row["s_per_epoch"] / scvi_row["s_per_epoch"]
+            vmm_row["cpu_ratio_to_scvi"] = vmm_row["cpu_s_per_epoch"] / scvi_row["cpu_s_per_epoch"]
+        del adata
+    print(f"\n{'cells':>8} {'batch':>6} {'model':<18} {'s/epoch':>9} {'CPU s':>8} {'cells/s':>9} {'ratio':>6}")
+    for r in rows:
+        ratio = f"{r['ratio_to_scvi']:.2f}" if "ratio_to_scvi" in r else "1.00"
+        print(f"{r['cells']:>8} {r['batch_size']:>6} {r['model']:<18} {r['s_per_epoch']:>9.2f} "
+              f"{r['cpu_s_per_epoch']:>8.2f} {r['cells_per_s']:>9.0f} {ratio:>6}")
+    return rows
+
+
+def k_table(args) -> dict:
+    """Time the VI step and the z-draw + EM step on the same minibatches for each K."""
+    from pyro_vmm import VMMSCVI
+    from pyro_vmm.infer import sample_latent
+    from pyro_vmm.training_plan import VMMTrainingPlan
+
+    adata = synthetic_counts(args.k_cells, seed=args.seed)
+    VMMSCVI.setup_anndata(adata, batch_key="batch")
+    x = torch.as_tensor(adata.X[:128].toarray())
+    b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:128, None].astype(np.int64))
+    rows = []
+    for k in args.ks:
+        model = VMMSCVI(adata, prior="vmm", n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=args.seed)
+        plan = VMMTrainingPlan(model.module)
+        vi_opt, em_opt = plan.svi.build_optimizers()
+        args_, kwargs = model.module._get_fn_args_from_batch({"X": x, "batch": b})
+        svi = plan.svi
+
+        def vi():
+            model.module.zero_grad(set_to_none=True)
+            loss = svi.vi_loss(*args_, **kwargs)
+            loss.backward()
+            vi_opt.step()
+
+        def em():
+            model.module.zero_grad(set_to_none=True)
+            z = sample_latent(model.module, *args_, latent_site=svi.latent_site, **kwargs)
+            loss = svi.em_loss_at(z)
+            loss.backward()
+            em_opt.step()
+
+        def clock(fn, n=args.k_reps):
+            for _ in range(5):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t0) / n * 1e3
+
+        import pyro
+
+        with pyro.validation_enabled(False):
+            vi_ms, em_ms = clock(vi), clock(em)
+        rows.append(dict(K=k, vi_ms=vi_ms, em_ms=em_ms, step_ms=vi_ms + em_ms, em_share=em_ms / (vi_ms + em_ms)))
+    ks = np.array([r["K"] for r in rows], float)
+    ts = np.array([r["step_ms"] for r in rows])
+    slope, intercept = np.polyfit(ks, ts, 1)
+    r2 = 1 - ((ts - (slope * ks + intercept)) ** 2).sum() / ((ts - ts.mean()) ** 2).sum()
+    print(f"\n{'K':>5} {'VI ms':>8} {'EM ms':>8} {'step ms':>8} {'EM share':>9}")
+    for r in rows:
+        print(f"{r['K']:>5} {r['vi_ms']:>8.2f} {r['em_ms']:>8.2f} {r['step_ms']:>8.2f} {r['em_share']:>9.1%}")
+    print(f"step time = {intercept:.2f} ms + {slope * 1e3:.2f} us x K  (R^2 = {r2:.3f})")
+    return dict(rows=rows, slope_ms_per_k=slope, intercept_ms=intercept, r2=r2, minibatch=128, cells=args.k_cells)
+
+
+def million(args) -> dict:
+    t0 = time.perf_counter()
+    adata = synthetic_counts(args.million_cells, seed=args.seed)
+    build_s = time.perf_counter() - t0
+    nnz = adata.X.nnz
+    print(f"built {adata.n_obs} x {adata.n_vars} CSR ({nnz / adata.n_obs / adata.n_vars:.1%} non-zero, "
+          f"{(adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes) / 1024**3:.2f} GB) in {build_s:.0f} s; "
+          f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    if args.backed:
+        path = Path(args.backed)
+        adata.write_h5ad(path)
+        del adata
+        gc.collect()
+        import anndata
+
+        adata = anndata.read_h5ad(path, backed="r")
+    timer = fit_vmm(adata, args.million_batch_size, 1, args.seed)
+    out = dict(cells=args.million_cells, genes=2000, nnz=int(nnz), batch_size=args.million_batch_size,
+               epoch_s=timer.wall[0], epoch_cpu_s=timer.cpu[0], peak_rss_gb=peak_rss_gb(), backed=bool(args.backed))
+    print(f"one epoch on {args.million_cells:,} sparse cells: {out['epoch_s']:.0f} s, peak RSS {out['peak_rss_gb']:.2f} GB")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs-table", action="store_true")
+    p.add_argument("--k-table", action="store_true")
+    p.add_argument("--million", action="store_true")
+    p.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 100, 500])
+    p.add_argument("--k-cells", type=int, default=2000)
+    p.add_argument("--k-reps", type=int, default=40)
+    p.add_argument("--million-cells", type=int, default=1_000_000)
+    p.add_argument("--million-batch-size", type=int, default=1024)
+    p.add_argument("--backed", default=None, help="write the million-cell AnnData here and train from it backed")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "scale_benchmark.json"))
+    args = p.parse_args(argv)
+    if not (args.epochs_table or args.k_table or args.million):
+        p.error("choose at least one of --epochs-table, --k-table, --million")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    out_path = Path(args.out)
+    payload = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale_benchmark"}
+    meta = dict(command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                date=datetime.date.today().isoformat(),
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU only, {args.threads} torch thread(s)",
+                torch=torch.__version__)
+    if args.epochs_table:
+        payload["epochs_table"] = dict(meta, rows=epochs_table(args), load_average=os.getloadavg()[0])
+    if args.k_table:
+        payload["k_table"] = dict(meta, **k_table(args), load_average=os.getloadavg()[0])
+    if args.million:
+        payload["million"] = dict(meta, **million(args), load_average=os.getloadavg()[0])
+    from pyro_vmm.utils import atomic_path
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
