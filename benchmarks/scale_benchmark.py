@@ -7,7 +7,8 @@ Three parts, each optional:
     same networks (1 x 128 hidden, latent 10, ZINB), the two models alternating within one process; the median of
     ``--epochs`` timed epochs after one warm-up epoch.
 ``--k-table``       the EM step's share of a training step (VI step, z draw + EM step, timed separately on the same
-    minibatches) for K in {10, 100, 500}, and a straight-line fit of step time against K (R^2).
+    minibatch) for K in {10, 100, 500} at batch sizes 128 and 1024, and a straight-line fit of step time against K
+    (R^2) per batch size.
 ``--million``       one epoch of VMM-scVI on 1,000,000 sparse synthetic cells x 2000 genes (CSR end to end) with the
     peak resident memory of the process.
 
@@ -161,10 +162,10 @@ def k_table(args) -> dict:
 
     adata = synthetic_counts(args.k_cells, seed=args.seed)
     VMMSCVI.setup_anndata(adata, batch_key="batch")
-    x = torch.as_tensor(adata.X[:128].toarray())
-    b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:128, None].astype(np.int64))
     rows = []
-    for k in args.ks:
+    for bs, k in [(bs, k) for bs in args.k_batch_sizes for k in args.ks]:
+        x = torch.as_tensor(adata.X[:bs].toarray())
+        b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:bs, None].astype(np.int64))
         model = VMMSCVI(adata, prior="vmm", n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=args.seed)
         plan = VMMTrainingPlan(model.module)
         vi_opt, em_opt = plan.svi.build_optimizers()
@@ -196,16 +197,21 @@ def k_table(args) -> dict:
 
         with pyro.validation_enabled(False):
             vi_ms, em_ms = clock(vi), clock(em)
-        rows.append(dict(K=k, vi_ms=vi_ms, em_ms=em_ms, step_ms=vi_ms + em_ms, em_share=em_ms / (vi_ms + em_ms)))
-    ks = np.array([r["K"] for r in rows], float)
-    ts = np.array([r["step_ms"] for r in rows])
-    slope, intercept = np.polyfit(ks, ts, 1)
-    r2 = 1 - ((ts - (slope * ks + intercept)) ** 2).sum() / ((ts - ts.mean()) ** 2).sum()
-    print(f"\n{'K':>5} {'VI ms':>8} {'EM ms':>8} {'step ms':>8} {'EM share':>9}")
-    for r in rows:
-        print(f"{r['K']:>5} {r['vi_ms']:>8.2f} {r['em_ms']:>8.2f} {r['step_ms']:>8.2f} {r['em_share']:>9.1%}")
-    print(f"step time = {intercept:.2f} ms + {slope * 1e3:.2f} us x K  (R^2 = {r2:.3f})")
-    return dict(rows=rows, slope_ms_per_k=slope, intercept_ms=intercept, r2=r2, minibatch=128, cells=args.k_cells)
+        rows.append(dict(batch_size=bs, K=k, vi_ms=vi_ms, em_ms=em_ms, step_ms=vi_ms + em_ms,
+                         em_share=em_ms / (vi_ms + em_ms)))
+    fits = {}
+    print(f"\n{'batch':>6} {'K':>5} {'VI ms':>8} {'EM ms':>8} {'step ms':>8} {'EM share':>9}")
+    for bs in args.k_batch_sizes:
+        sub = [r for r in rows if r["batch_size"] == bs]
+        for r in sub:
+            print(f"{bs:>6} {r['K']:>5} {r['vi_ms']:>8.2f} {r['em_ms']:>8.2f} {r['step_ms']:>8.2f} {r['em_share']:>9.1%}")
+        ks = np.array([r["K"] for r in sub], float)
+        ts = np.array([r["step_ms"] for r in sub])
+        slope, intercept = np.polyfit(ks, ts, 1)
+        r2 = float(1 - ((ts - (slope * ks + intercept)) ** 2).sum() / ((ts - ts.mean()) ** 2).sum())
+        fits[str(bs)] = dict(slope_ms_per_k=float(slope), intercept_ms=float(intercept), r2=r2)
+        print(f"  batch {bs}: step time = {intercept:.2f} ms + {slope * 1e3:.2f} us x K  (R^2 = {r2:.3f})")
+    return dict(rows=rows, fits=fits, cells=args.k_cells)
 
 
 def million(args) -> dict:
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
     p.add_argument("--ks", type=int, nargs="+", default=[10, 100, 500])
     p.add_argument("--k-cells", type=int, default=2000)
+    p.add_argument("--k-batch-sizes", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--k-reps", type=int, default=40)
     p.add_argument("--million-cells", type=int, default=1_000_000)
     p.add_argument("--million-batch-size", type=int, default=1024)

@@ -133,6 +133,9 @@ class NonFiniteGuard:
         Where warnings go (default ``logging.getLogger("pyro_vmm.guard")``).
     schedulers
         LR schedulers whose ``base_lrs`` are lowered with the learning rates.
+    agree
+        Under data-parallel training, maps this process's verdict (``True``: step is fine) to the verdict of all
+        processes (e.g. an all-reduce), so every rank keeps or rolls back the same steps.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class NonFiniteGuard:
         lr_factor: float = 0.5,
         logger: logging.Logger | None = None,
         schedulers: Any = None,
+        agree: Callable[[bool], bool] | None = None,
     ) -> None:
         self.modules: list[torch.nn.Module] = _as_list(modules)
         if not self.modules or not all(isinstance(m, torch.nn.Module) for m in self.modules):
@@ -157,6 +161,7 @@ class NonFiniteGuard:
         self.max_retries = int(max_retries)
         self.lr_factor = float(lr_factor)
         self.logger = logger if logger is not None else _LOG
+        self.agree = agree
         #: rollbacks since the last kept step, and in total
         self.consecutive_rollbacks = 0
         self.n_rollbacks = 0
@@ -305,7 +310,13 @@ def guarded_step(
         guard.last_problem = f"the step raised {type(err).__name__}: {line[:300]}"
         guard.rollback(where)
         return False
-    if guard.check(result):
+    ok = guard.check(result)
+    if guard.agree is not None:
+        agreed = guard.agree(ok)
+        if ok and not agreed:
+            guard.last_problem = "another data-parallel process found a non-finite value in this step"
+        ok = agreed
+    if ok:
         if store:
             guard._store()
         else:

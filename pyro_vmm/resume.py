@@ -90,8 +90,9 @@ class EpochCheckpointer:
         if not (epochs_done % self.every == 0 or last or trainer.should_stop):
             return None
         path = checkpoint_path(self.directory, epochs_done)
-        trainer.save_checkpoint(path)
-        prune_checkpoints(self.directory, keep=self.keep)
+        trainer.save_checkpoint(path)  # collective; under DDP only global rank 0 writes
+        if trainer.is_global_zero:
+            prune_checkpoints(self.directory, keep=self.keep)
         logger.info("checkpoint written: %s", path)
         return path
 

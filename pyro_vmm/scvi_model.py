@@ -112,7 +112,9 @@ class MinibatchSampler(Sampler):
     ``seed * 1_000_003 + e`` (Lightning calls :meth:`set_epoch` before each epoch): a pure function of
     ``(seed, e)``, so a run resumed from a checkpoint sees the same minibatches as an uninterrupted one, and the
     global RNG is not touched.  Without ``seed`` the order is drawn from the global torch RNG.
-    A trailing minibatch of a single cell is dropped while training (BatchNorm cannot normalise one cell)."""
+    A trailing minibatch of a single cell is dropped while training (BatchNorm cannot normalise one cell).
+    Under data-parallel training (``torch.distributed`` initialised, e.g. Lightning DDP) rank ``r`` of ``W`` takes
+    every ``W``-th cell of the shared permutation, so ranks see disjoint minibatches and run equally many steps."""
 
     def __init__(
         self, n: int, batch_size: int, shuffle: bool, drop_singleton: bool = False, seed: int | None = None
@@ -134,17 +136,33 @@ class MinibatchSampler(Sampler):
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
         return torch.randperm(self.n, generator=gen)
 
+    @staticmethod
+    def _replica() -> tuple[int, int]:
+        """``(rank, world_size)`` of the running data-parallel job; ``(0, 1)`` outside one."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = self._order()
-        for start in range(0, self.n, self.batch_size):
+        rank, world = self._replica()
+        if world > 1:
+            # every rank draws the same permutation (same seed) and takes a disjoint, equally long share of it;
+            # the last ``n mod world`` cells of the permutation sit this epoch out, so all ranks run the same
+            # number of steps (their collectives must pair up)
+            order = order[: len(order) - len(order) % world][rank::world]
+        n = len(order)
+        for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            if self.drop_singleton and len(idx) == 1 and self.n > 1:
+            if self.drop_singleton and len(idx) == 1 and n > 1:
                 continue
             yield idx
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + int(rest > 0 and not (self.drop_singleton and rest == 1 and self.n > 1))
+        _, world = self._replica()
+        n = self.n // world if world > 1 else self.n
+        full, rest = divmod(n, self.batch_size)
+        return full + int(rest > 0 and not (self.drop_singleton and rest == 1 and n > 1))
 
 
 def _loader(
@@ -215,6 +233,27 @@ class InMemoryDataSplitter(DataSplitter):
     def test_dataloader(self) -> DataLoader | None:
         ds = self._sets["test"]
         return None if ds is None else _loader(ds, self.batch_size, shuffle=False, drop_singleton=False)
+
+
+def _data_parallel(trainer_kwargs: dict) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer_kwargs.get("strategy")
+    return isinstance(strategy, DDPStrategy) or (isinstance(strategy, str) and strategy.startswith("ddp"))
+
+
+def _ddp_strategy(strategy):
+    """Lightning's DDP strategy for the alternating step.
+
+    One training step runs two backward passes (VI, then EM) and each touches only part of the parameters (the EM
+    loss never reaches the decoder), so DDP must look for unused parameters; gradients are then averaged over
+    ranks in both passes and every rank applies the same Adam updates."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy):
+        return strategy
+    start_method = "spawn" if "spawn" in strategy else "popen"
+    return DDPStrategy(find_unused_parameters=True, start_method=start_method)
 
 
 def _load_training_checkpoint(path: Path, kind: str) -> dict:
@@ -395,7 +434,10 @@ class VMMSCVI(BaseModelClass):
             Folder for checkpoints, their interval in epochs, and whether to continue from the newest one there
             (``resume=False`` refuses a folder that already holds checkpoints rather than overwrite them).
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (Lightning ``Trainer`` arguments).
+            Passed to :class:`scvi.train.Trainer` (Lightning ``Trainer`` arguments).  Data-parallel training:
+            ``devices=N, strategy="ddp"`` (needs ``seed``; each process takes every N-th cell of the epoch's
+            permutation, gradients of both steps are averaged over processes; scvi-tools turns early stopping off
+            under DDP).  ``B`` is then the per-process minibatch and the hyperpriors stay scaled by ``1/B``.
         """
         from .resume import (
             CHECKPOINT_KIND,
@@ -406,6 +448,12 @@ class VMMSCVI(BaseModelClass):
             run_fingerprint,
         )
 
+        data_parallel = _data_parallel(trainer_kwargs)
+        if data_parallel and seed is None:
+            raise ValueError(
+                "data-parallel training needs seed=...: every process must draw the same split and the same "
+                "minibatch permutation (each then takes its own share)"
+            )
         if seed is not None:
             settings.seed = seed
             set_seed(seed)
@@ -450,6 +498,9 @@ class VMMSCVI(BaseModelClass):
             trainer_kwargs["plugins"] = [*list(trainer_kwargs.get("plugins") or []), AtomicCheckpointIO()]
             if resume_path is not None:
                 trainer_kwargs["ckpt_path"] = str(resume_path)
+        if data_parallel:
+            trainer_kwargs["strategy"] = _ddp_strategy(trainer_kwargs["strategy"])
+            trainer_kwargs["use_distributed_sampler"] = False  # MinibatchSampler shards by rank itself
         trainer_kwargs.setdefault("early_stopping", early_stopping)
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("enable_progress_bar", enable_progress_bar)

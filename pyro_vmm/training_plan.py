@@ -195,7 +195,11 @@ class VMMTrainingPlan(pl.LightningModule):
         if self.nan_guard:
             _, raw = self._optimizer_list()
             self.guard = NonFiniteGuard(
-                self.module, raw, max_retries=self.max_nan_retries, lr_factor=self.nan_lr_factor
+                self.module,
+                raw,
+                max_retries=self.max_nan_retries,
+                lr_factor=self.nan_lr_factor,
+                agree=_all_ranks_agree if self.trainer.world_size > 1 else None,
             )
             counters = (self._resume_state or {}).get("guard")
             if counters:
@@ -281,6 +285,11 @@ class VMMTrainingPlan(pl.LightningModule):
             self.log(key, value)
         self.last_epoch_metrics = metrics
         self._reset_train_accumulators()
+        if self.trainer.world_size > 1:
+            # DDP keeps parameters in step (averaged gradients) and broadcasts BatchNorm statistics from rank 0 at
+            # each forward; after the epoch's last step they differ, so take rank 0's everywhere
+            for buffer in self.module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         if self.checkpointer is not None:
             self.checkpointer(self.trainer, self.current_epoch + 1)
 
@@ -305,6 +314,13 @@ class VMMTrainingPlan(pl.LightningModule):
         if self._val_used is not None:
             self.log("utilized_clusters_validation", float(self._val_used.sum()))
         self._reset_val_accumulators()
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """``True`` only if every data-parallel rank found its step finite (one all-reduce of a flag)."""
+    flag = torch.tensor([0.0 if ok else 1.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() == 0.0)
 
 
 def _fused(opt: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
