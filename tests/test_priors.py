@@ -232,3 +232,50 @@ def test_inverse_softplus_is_stable_and_exact():
     u = inverse_softplus(y)
     assert torch.isfinite(u).all()
     torch.testing.assert_close(torch.nn.functional.softplus(u), y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_expanded_mahalanobis_equals_the_direct_form(scale):
+    """The (N, K) matrix-product form of (z - m)^T P (z - m) equals the direct one, also far from the means."""
+    from pyro_vmm.priors import _mahalanobis
+
+    gen = torch.Generator().manual_seed(0)
+    k, d = 7, 5
+    loc = scale * torch.randn(k, d, generator=gen)
+    tril = torch.randn(k, d, d, generator=gen).tril(-1) + torch.diag_embed(torch.rand(k, d, generator=gen) + 0.5)
+    precision = tril @ tril.transpose(-1, -2)
+    z = scale * torch.randn(3, 11, d, generator=gen)  # extra leading batch dimension
+    diff = z.unsqueeze(-2) - loc
+    direct = torch.einsum("...kd,kde,...ke->...k", diff, precision, diff)
+    fast = _mahalanobis(z, loc, precision)
+    assert fast.shape == (3, 11, k)
+    torch.testing.assert_close(fast, direct, rtol=1e-4, atol=1e-3 * scale**2)
+    assert (fast >= 0).all()
+
+
+@pytest.mark.parametrize("with_loc_cov", [False, True])
+def test_gaussian_mixture_equals_mixture_same_family(with_loc_cov):
+    """The z-site distribution (precision form) equals torch's MixtureSameFamily(MultivariateNormal(cov))."""
+    from pyro_vmm.priors import MixtureParams
+
+    gen = torch.Generator().manual_seed(1)
+    k, d = 6, 3
+    tril = torch.randn(k, d, d, generator=gen).tril(-1) * 0.3 + torch.diag_embed(torch.rand(k, d, generator=gen) + 0.5)
+    loc_cov = None
+    if with_loc_cov:
+        a = torch.randn(k, d, d, generator=gen) * 0.3
+        loc_cov = a @ a.transpose(-1, -2) + 0.05 * torch.eye(d)
+    params = MixtureParams(torch.log_softmax(torch.randn(k, generator=gen), -1), 2 * torch.randn(k, d, generator=gen),
+                           tril, loc_cov)
+    mix = params.predictive_mixture()
+    cov = torch.cholesky_inverse(tril) + (loc_cov if with_loc_cov else 0)
+    ref = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=params.log_pi), torch.distributions.MultivariateNormal(params.loc, cov)
+    )
+    z = 3 * torch.randn(4, 9, d, generator=gen)
+    torch.testing.assert_close(mix.log_prob(z), ref.log_prob(z), rtol=1e-5, atol=1e-4)
+    # inside a plate Pyro expands it; samples have the event shape; the mean is the mixture mean
+    expanded = mix.expand(torch.Size([9]))
+    assert expanded.batch_shape == (9,) and expanded.log_prob(z).shape == (4, 9)
+    assert mix.sample((5,)).shape == (5, d)
+    torch.testing.assert_close(mix.mean, ref.mean)

@@ -253,8 +253,10 @@ def component_distributions(prior, encoder):
     """``(log_pi (K,), components with batch shape (K,))`` of a prior's marginal p(z)."""
     import torch
 
+    from ..priors import GaussianMixture
+
     p_z = prior.latent_dist(encoder)
-    if isinstance(p_z, torch.distributions.MixtureSameFamily):
+    if isinstance(p_z, (torch.distributions.MixtureSameFamily, GaussianMixture)):
         return torch.log_softmax(p_z.mixture_distribution.logits, -1), p_z.component_distribution
     return torch.zeros(1, device=p_z.mean.device), p_z.expand((1,))
 
