@@ -83,19 +83,7 @@ def synthetic_counts(n_cells: int, n_genes: int = 2000, n_batches: int = 2, n_ty
 
 
 def _timer():
-    import lightning.pytorch as pl
-
-    class EpochTimer(pl.Callback):
-        def __init__(self) -> None:
-            self.wall: list[float] = []
-            self.cpu: list[float] = []
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.wall.append(time.perf_counter() - self._t0)
-            self.cpu.append(time.process_time() - self._c0)
+    from pyro_vmm.callbacks import EpochTimer
 
     return EpochTimer()
 

@@ -65,20 +65,7 @@ COLUMNS = [
 
 
 def epoch_timer():
-    """Lightning callback: wall and CPU seconds of every training epoch."""
-    import lightning.pytorch as pl
-
-    class EpochTimer(pl.Callback):
-        def __init__(self) -> None:
-            self.wall: list[float] = []
-            self.cpu: list[float] = []
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.wall.append(time.perf_counter() - self._t)
-            self.cpu.append(time.process_time() - self._c)
+    from pyro_vmm.callbacks import EpochTimer
 
     return EpochTimer()
 

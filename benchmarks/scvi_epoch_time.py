@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,19 +27,7 @@ RESULTS = Path("benchmarks") / "results"
 
 
 def epoch_timer():
-    import lightning.pytorch as pl
-
-    class EpochTimer(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.cpu_times: list[float] = []
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.times.append(time.perf_counter() - self._t0)
-            self.cpu_times.append(time.process_time() - self._c0)
+    from pyro_vmm.callbacks import EpochTimer
 
     return EpochTimer()
 
@@ -77,7 +64,7 @@ def time_scvi(adata, epochs: int, warmup: int, seed: int) -> list[float]:
         plan_kwargs=dict(lr=1e-3, n_epochs_kl_warmup=None, weight_decay=0.0, eps=1e-7),
         callbacks=[timer],
     )
-    return timer.times[warmup:], timer.cpu_times[warmup:]
+    return timer.wall[warmup:], timer.cpu[warmup:]
 
 
 def time_vmm(adata, prior: str, k: int, epochs: int, warmup: int, seed: int) -> list[float]:
@@ -97,7 +84,7 @@ def time_vmm(adata, prior: str, k: int, epochs: int, warmup: int, seed: int) -> 
         seed=seed,
         callbacks=[timer],
     )
-    return timer.times[warmup:], timer.cpu_times[warmup:]
+    return timer.wall[warmup:], timer.cpu[warmup:]
 
 
 def main(argv: list[str] | None = None) -> int:

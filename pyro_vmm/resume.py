@@ -205,7 +205,7 @@ def check_resume_payload(path: Path, payload: dict, fingerprint: dict, module_st
         )
     fix = (
         "Fix: train on the same AnnData (same genes and cells) with the same seed, train_size and batch_size as "
-        f"the run that wrote it, or pass another (empty) checkpoint_dir to start a new run."
+        "the run that wrote it, or pass another (empty) checkpoint_dir to start a new run."
     )
     genes, old_genes = fingerprint["var_names"], ours["var_names"]
     if genes != old_genes:

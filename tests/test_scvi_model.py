@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch

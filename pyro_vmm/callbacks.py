@@ -1,0 +1,24 @@
+"""Lightning callbacks shared by the training entry points and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+
+__all__ = ["EpochTimer"]
+
+
+class EpochTimer(pl.Callback):
+    """Wall-clock and CPU seconds of every training epoch (``wall``, ``cpu``; validation excluded)."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wall.append(time.perf_counter() - self._t)
+        self.cpu.append(time.process_time() - self._c)
