@@ -613,6 +613,47 @@ class VMMSCVI(BaseModelClass):
         # concatenate as COO (GCXS concatenation is slow to compile in numba), convert once
         return sparse.concatenate(parts, axis=0).asformat("gcxs", compressed_axes=(0,))
 
+    # -------------------------------------------------------------------------------------------- genes
+    def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        """scvi-tools' check and transfer, plus: a query AnnData must have the model's genes in the model's order
+        (scvi-tools only compares their number, so a reordered query would silently be read gene-by-position)."""
+        if adata is not None and adata is not self.adata and self.adata is not None:
+            from .validation import validate_genes_match
+
+            validate_genes_match(self.adata.var_names, adata.var_names, where="the query AnnData")
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    @classmethod
+    def load(cls, dir_path: str, adata=None, *args, prefix: str | None = None, **kwargs):
+        """``BaseModelClass.load`` with clear errors: an unreadable or foreign ``model.pt``, and an ``adata`` whose
+        genes differ from the saved model's (names and order), are refused before anything is built."""
+        from .validation import InputError, validate_genes_match
+
+        path = Path(dir_path) / f"{prefix or ''}model.pt"
+        if not path.is_file():
+            raise InputError(f"no saved model at {str(path)!r}. Fix: pass the folder written by model.save(dir_path).")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated, garbage, or not a torch file at all
+            raise InputError(
+                f"cannot read the saved model {str(path)!r} ({type(err).__name__}: {err}); the file is corrupted or "
+                "was not written by model.save(). Fix: save the model again, or restore the folder from a copy."
+            ) from err
+        if not isinstance(saved, dict) or "model_state_dict" not in saved or "attr_dict" not in saved:
+            raise InputError(
+                f"{str(path)!r} is not a saved scvi-tools model (no model_state_dict/attr_dict in it). "
+                "Fix: pass the folder written by VMMSCVI.save(dir_path)."
+            )
+        class_name = saved["attr_dict"].get("registry_", {}).get("model_name")
+        if class_name not in (None, cls.__name__):
+            raise InputError(
+                f"{str(path)!r} holds a {class_name} model, not a {cls.__name__}. Fix: load it with "
+                f"{class_name}.load(...), or pass the folder of a saved {cls.__name__}."
+            )
+        if adata is not None and saved.get("var_names") is not None:
+            validate_genes_match(saved["var_names"], adata.var_names, where="the AnnData given to load")
+        return super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
+
     # -------------------------------------------------------------------------------------------- save
     def save(
         self,

@@ -510,4 +510,4 @@ def validate_genes_match(
             "Fix: add the missing genes (e.g. as all-zero columns), then select and order them with "
             "adata = adata[:, reference_var_names].copy()."
         )
-    raise InputError(f"{where} genes do not match the model's: " + "; ".join(parts) + f". {fix}")
+    raise InputError(f"the genes of {where} do not match the model's: " + "; ".join(parts) + f". {fix}")

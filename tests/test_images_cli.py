@@ -69,3 +69,6 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error" in err and "not found" in err and "Traceback" not in err
     assert main(["images", *TINY, "--epochs", "0", "--out", str(tmp_path / "o")]) == 2
+    assert main(["images", *TINY, "--n-clusters", "0", "--out", str(tmp_path / "o")]) == 2
+    assert main(["images-sweep", *TINY, "--n-seeds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()  # nothing is written when the run fails

@@ -414,3 +414,30 @@ def test_to_arviz(trained_vmm):
     plt.close("all")
     with pytest.raises(ValueError, match="unknown statistics"):
         to_arviz(model, n_samples=1, statistics=("skewness",))
+
+
+def test_query_and_load_refuse_other_genes_and_corrupt_files(trained_vmm, small_adata, tmp_path):
+    """scvi-tools only compares the number of genes: a reordered query must not be read gene-by-position."""
+    from pyro_vmm.validation import InputError
+
+    model = trained_vmm
+    reordered = small_adata[:, ::-1].copy()
+    with pytest.raises(InputError, match="in a different order.*Fix: adata = adata\\[:, reference_var_names\\]"):
+        model.get_latent_representation(reordered)
+    fewer = small_adata[:, :-3].copy()
+    with pytest.raises(InputError, match="3 of the model's genes are missing from the query AnnData"):
+        model.get_latent_representation(fewer)
+    np.testing.assert_array_equal(  # the model's own genes, as a new object, still work
+        model.get_latent_representation(_setup(small_adata)), model.get_latent_representation()
+    )
+    model.save(str(tmp_path / "m"), overwrite=True)
+    with pytest.raises(InputError, match="the AnnData given to load has the model.s 200 genes but in a different order"):
+        VMMSCVI.load(str(tmp_path / "m"), adata=_setup(small_adata[:, ::-1].copy()))
+    (tmp_path / "m" / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="cannot read the saved model .*Fix: save the model again"):
+        VMMSCVI.load(str(tmp_path / "m"), adata=_setup(small_adata))
+    torch.save({"something": "else"}, tmp_path / "m" / "model.pt")
+    with pytest.raises(InputError, match="is not a saved scvi-tools model"):
+        VMMSCVI.load(str(tmp_path / "m"), adata=_setup(small_adata))
+    with pytest.raises(InputError, match="no saved model at"):
+        VMMSCVI.load(str(tmp_path / "nowhere"), adata=_setup(small_adata))

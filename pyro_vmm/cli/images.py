@@ -235,12 +235,16 @@ def _write_json(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
 
 
-def _prepare(args: argparse.Namespace) -> Path:
+def _set_threads(args: argparse.Namespace) -> None:
     import torch
 
     threads = args.threads or (1 if args.dataset == "digits" else None)
     if threads:
         torch.set_num_threads(threads)
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    """Create the output folder -- only once there is something to write (a failed run leaves nothing behind)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -354,12 +358,13 @@ def run_images(args: argparse.Namespace) -> int:
     from ..image_training import cluster_probabilities
     from ..utils import atomic_path
 
-    out = _prepare(args)
-    settings = _settings(args)
+    settings = _settings(args)  # validates the arguments first
+    _set_threads(args)
     train, val = load_split(args.dataset, args.data_dir, args.subset, args.seed, not args.no_download)
     model, result = fit_and_score(settings, train, val, progress=not args.no_progress)
     x_all = torch.cat([train.x, val.x])
     probs = cluster_probabilities(model, x_all, sample=True, seed=args.seed)
+    out = _output_dir(args)
     plot_prior_predictive(model, x_all, probs, train.image_shape, out / "prior_samples.png", seed=args.seed)
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"state_dict": model.state_dict(), "config": model.config, "settings": settings}, tmp)
@@ -377,9 +382,11 @@ def run_images(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    out = _prepare(args)
     if args.n_seeds < 1:
         raise ValueError(f"--n-seeds must be >= 1, got {args.n_seeds}")
+    for batch_size in args.batch_sizes:
+        _settings(args, batch_size=batch_size)  # validates every setting before any training
+    _set_threads(args)
     train, val = load_split(args.dataset, args.data_dir, args.subset, args.seed, not args.no_download)
     rows = []
     for batch_size in args.batch_sizes:
@@ -405,6 +412,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 f"NMI unmerged {s['nmi_unmerged']:.3f}"
             )
     title = f"{args.prior} on {args.dataset}: {len(train) + len(val)} images"
+    out = _output_dir(args)
     plot_sweep(rows, out / "sweep.png", title)
     summary = {}
     for b in args.batch_sizes:
