@@ -27,8 +27,8 @@ are checked; a non-finite value (or an error about invalid values) rolls the mod
 the last good copy, multiplies both learning rates by ``nan_lr_factor`` (:math:`\eta \leftarrow 0.5\,\eta`),
 logs a warning naming the epoch, batch and new rates, and skips the minibatch.  After ``max_nan_retries``
 rollbacks in a row :class:`~pyro_vmm.guard.NonFiniteError` is raised.  The good copy is refreshed (in-place, into
-preallocated buffers) every ``guard_every`` kept steps; ``guard_every > 1`` is cheaper and rolls back up to
-``guard_every - 1`` further steps.  ``elbo_train`` averages the kept minibatches only; ``nan_rollbacks`` (logged
+preallocated buffers) every ``guard_every`` kept steps (default 10: ~2.5 % of a step on CPU, against ~8.5 % for
+``guard_every=1``, which rolls back exactly the failed step; with 10 a rollback also undoes up to 9 good steps).  ``elbo_train`` averages the kept minibatches only; ``nan_rollbacks`` (logged
 per epoch) counts the rolled-back ones in total.
 """
 
@@ -75,7 +75,8 @@ class VMMTrainingPlan(pl.LightningModule):
     nan_lr_factor
         Factor in (0, 1] applied to both learning rates at each rollback.
     guard_every
-        Refresh the guard's good copy every this many kept steps (1: roll back exactly one step).
+        Refresh the guard's good copy every this many kept steps (1: roll back exactly the failed step; the
+        default 10 costs about a third as much and may also undo up to 9 good steps).
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class VMMTrainingPlan(pl.LightningModule):
         nan_guard: bool = True,
         max_nan_retries: int = 5,
         nan_lr_factor: float = 0.5,
-        guard_every: int = 1,
+        guard_every: int = 10,
     ) -> None:
         super().__init__()
         self.module = module
