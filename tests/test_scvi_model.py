@@ -441,3 +441,17 @@ def test_query_and_load_refuse_other_genes_and_corrupt_files(trained_vmm, small_
         VMMSCVI.load(str(tmp_path / "m"), adata=_setup(small_adata))
     with pytest.raises(InputError, match="no saved model at"):
         VMMSCVI.load(str(tmp_path / "nowhere"), adata=_setup(small_adata))
+
+
+def test_backed_anndata_trains_like_in_memory(small_adata, tmp_path):
+    """An on-disk (backed) AnnData trains to the same latent space as the same data in memory."""
+    path = tmp_path / "small.h5ad"
+    small_adata.write_h5ad(path)
+    latents = []
+    for adata in (anndata.read_h5ad(path, backed="r"), small_adata.copy()):
+        VMMSCVI.setup_anndata(adata, batch_key="batch")
+        model = VMMSCVI(adata, seed=6, **TINY)
+        model.train(max_epochs=2, seed=6, **TRAIN)
+        latents.append(model.get_latent_representation())
+    assert latents[0].shape == (small_adata.n_obs, TINY["n_latent"])
+    np.testing.assert_array_equal(latents[0], latents[1])
