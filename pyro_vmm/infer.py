@@ -18,7 +18,8 @@ model: the same object drives the image VAE and scVI, on CPU or CUDA.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyro
@@ -31,6 +32,19 @@ from .priors import LatentPrior
 from .utils import eval_mode
 
 __all__ = ["AlternatingSVI", "StepResult", "sample_latent"]
+
+
+@contextmanager
+def _frozen(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Build a graph with ``params`` treated as constants (``requires_grad`` restored on exit)."""
+    frozen = [p for p in params if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _empty_guide(*args, **kwargs) -> None:
@@ -133,8 +147,13 @@ class AlternatingSVI:
 
     # -- losses ---------------------------------------------------------------------------------------------------
     def vi_loss(self, *args, **kwargs) -> torch.Tensor:
-        """Differentiable negative ELBO of the minibatch (as scaled by the model, e.g. a batch mean)."""
-        return self.elbo.differentiable_loss(self.module.model, self.module.guide, *args, **kwargs)
+        """Differentiable negative ELBO of the minibatch (as scaled by the model, e.g. a batch mean).
+
+        The graph is built with the EM parameters frozen (``requires_grad=False``): the VI step never updates them,
+        so their gradients (for the VMM a backward pass through the encoder into the pseudo-inputs) are not computed.
+        """
+        with _frozen(self.em_parameters()):
+            return self.elbo.differentiable_loss(self.module.model, self.module.guide, *args, **kwargs)
 
     def em_loss(self, *args, **kwargs) -> torch.Tensor:
         """Differentiable EM loss: ``TraceEnum_ELBO`` of ``prior.em_model`` at ``z ~ q(z|x)`` (no gradient to z)."""
@@ -155,6 +174,12 @@ class AlternatingSVI:
         """EM loss at ``z`` and (if asked) the hard assignments :math:`\arg\max_k q(c=k \mid z_n)` from the same
         mixture parameters -- one pseudo-input encoder pass for both, as the training loop needs to count the
         clusters in use."""
+        with _frozen(self.vi_parameters()):  # the networks are fixed here: no weight gradients through the encoder
+            return self._em_loss_and_assignments_at(z, assignments)
+
+    def _em_loss_and_assignments_at(
+        self, z: torch.Tensor, assignments: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         params = self.prior.mixture_params(self.pseudo_encoder) if hasattr(self.prior, "mixture_params") else None
         with pyro.validation_enabled(self.validate_em):
             if params is None:
