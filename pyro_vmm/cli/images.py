@@ -272,9 +272,6 @@ def plot_prior_predictive(model, x, probs, image_shape, path, max_rows: int = 40
     then ``round(10 pi_k / max pi)`` decoded draws from the cluster's predictive component.  Returns the number of
     utilized clusters.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
@@ -321,9 +318,6 @@ def plot_prior_predictive(model, x, probs, image_shape, path, max_rows: int = 40
 
 def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
     """Utilized clusters and unmerged NMI (mean and every seed) against batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
