@@ -107,8 +107,11 @@ class ImageVAE(nn.Module):
         pseudo_inputs: Tensor | None = None,
         hidden: Sequence[int] = PAPER_HIDDEN,
         inference: str = "map-dp",
+        init_sigma: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(init_sigma) and init_sigma > 0):
+            raise ValueError(f"init_sigma must be a finite number > 0, got {init_sigma!r}; e.g. init_sigma=1.0")
         self.config = dict(
             n_input=int(n_input),
             n_latent=int(n_latent),
@@ -116,6 +119,7 @@ class ImageVAE(nn.Module):
             n_components=int(n_components),
             hidden=[int(h) for h in hidden],
             inference=str(inference),
+            init_sigma=float(init_sigma),
         )
         if prior in ("vampprior", "vmm") and pseudo_inputs is None:
             raise ValueError(f"prior {prior!r} needs pseudo_inputs of shape (K, {n_input}); use ImageVAE.from_data")
@@ -123,8 +127,8 @@ class ImageVAE(nn.Module):
             raise ValueError(f"pseudo_inputs must have shape (K, {n_input}), got {tuple(pseudo_inputs.shape)}")
         self.encoder = TriLGaussianEncoder(n_input, n_latent, hidden)
         self.decoder = mlp([n_latent, *reversed(list(hidden)), n_input])
-        # sigma = softplus(raw), initialised to 1
-        self.scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(1.0))))
+        # sigma = softplus(raw), initialised to init_sigma (the paper: 1)
+        self.scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(float(init_sigma)))))
         self.prior = build_prior(prior, n_latent, n_components, pseudo_inputs=pseudo_inputs, inference=inference)
 
     @classmethod

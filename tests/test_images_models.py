@@ -67,6 +67,16 @@ def test_pseudo_inputs_are_distinct_training_images_and_sigma_starts_at_one():
         ImageVAE.from_data(x, prior="vampprior", n_components=41)
 
 
+def test_init_sigma_sets_the_initial_likelihood_scale_and_is_checked():
+    x = torch.rand(20, 6) * 2 - 1
+    vae = ImageVAE.from_data(x, prior="vmm", n_components=4, n_latent=2, hidden=(8, 8, 8), init_sigma=0.2)
+    torch.testing.assert_close(vae.sigma, torch.tensor(0.2))
+    assert vae.config["init_sigma"] == 0.2
+    assert ImageVAE(**vae.config, pseudo_inputs=vae.prior.pseudo_inputs.detach()).sigma.item() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="init_sigma must be a finite number > 0"):
+        ImageVAE(6, n_latent=2, prior="normal", hidden=(8,), init_sigma=0.0)
+
+
 @pytest.mark.parametrize("prior", ["normal", "vampprior", "gmm", "vmm"])
 def test_model_guide_log_density_is_the_batch_mean_elbo(prior):
     """log p(x, z) - log q(z | x) from Pyro's traces == (1/B) sum_n [log N(x|f(z), s^2) + log p(z) - log q(z|x)]."""

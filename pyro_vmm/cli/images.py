@@ -35,11 +35,17 @@ class DatasetPreset:
     lr: float
     epochs: int
     patience: int
+    init_sigma: float = 1.0  #: initial likelihood scale sigma (the paper: 1)
+    em_objective: str = "textbook"  #: 'textbook' EM or the reference code's objective ('reference')
 
 
-#: digits: a small CPU-sized model (D = 2); MNIST / Fashion-MNIST: the paper's networks and schedule (GPU-sized)
+#: digits: a small CPU-sized model (D = 10, sigma started at 0.2 so that 64 pixels keep the latent informative, the
+#: reference code's EM objective); MNIST / Fashion-MNIST: the paper's networks and schedule (GPU-sized)
 PRESETS = {
-    "digits": DatasetPreset(latent_dim=2, hidden=(128, 128, 256), batch_size=32, lr=1e-3, epochs=60, patience=10),
+    "digits": DatasetPreset(
+        latent_dim=10, hidden=(128, 128, 256), batch_size=64, lr=1e-3, epochs=60, patience=10, init_sigma=0.2,
+        em_objective="reference",
+    ),
     "mnist": DatasetPreset(latent_dim=10, hidden=(500, 500, 2000), batch_size=256, lr=1e-4, epochs=500, patience=20),
     "fashion_mnist": DatasetPreset(
         latent_dim=30, hidden=(500, 500, 2000), batch_size=256, lr=1e-4, epochs=500, patience=20
@@ -62,10 +68,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the idx files (default: download + cache)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing idx files")
     p.add_argument("--subset", type=int, default=None, help="use N random images (train + validation)")
-    p.add_argument("--latent-dim", type=int, default=None, help="D (default: digits 2, MNIST 10, Fashion-MNIST 30)")
+    p.add_argument("--latent-dim", type=int, default=None, help="D (default: digits 10, MNIST 10, Fashion-MNIST 30)")
     p.add_argument("--n-clusters", type=int, default=None, help="K, the most clusters (default 100; VaDE 10)")
     p.add_argument("--hidden", type=_int_list, default=None, help="encoder hidden sizes, e.g. 500,500,2000")
     p.add_argument("--prior-lr-ratio", type=float, default=1.0, help="EM learning rate / VI learning rate")
+    p.add_argument("--init-sigma", type=float, default=None,
+                   help="initial likelihood scale sigma (default: digits 0.2, MNIST / Fashion-MNIST 1 as the paper)")
+    p.add_argument("--em-objective", choices=("textbook", "reference"), default=None,
+                   help="EM objective: responsibilities held fixed (textbook) or left on the graph as the reference "
+                        "code (default: digits reference, others textbook)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the VI step")
     p.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience on the validation ELBO")
@@ -127,10 +138,14 @@ def _settings(args: argparse.Namespace, batch_size: int | None = None) -> dict:
         subset=args.subset,
         device=args.device,
         vade_pretrain_epochs=getattr(args, "vade_pretrain_epochs", None),
+        init_sigma=pick(getattr(args, "init_sigma", None), preset.init_sigma),
+        em_objective=pick(getattr(args, "em_objective", None), preset.em_objective),
     )
     for key in ("latent_dim", "n_clusters", "batch_size", "epochs"):
         if settings[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if not settings["init_sigma"] > 0:
+        raise ValueError(f"--init-sigma must be > 0, got {settings['init_sigma']}")
     return settings
 
 
@@ -172,6 +187,7 @@ def build_model(settings: dict, x_train):
         seed=settings["seed"],
         n_latent=settings["latent_dim"],
         hidden=settings["hidden"],
+        **({} if settings["prior"] == "vade" else {"init_sigma": settings.get("init_sigma", 1.0)}),
     )
 
 
@@ -193,6 +209,7 @@ def fit_and_score(settings: dict, train, val, progress: bool = True) -> tuple[ob
         seed=settings["seed"],
         device=settings["device"],
         progress=progress,
+        attach_responsibilities=settings.get("em_objective", "textbook") == "reference",
     )
     start = time.perf_counter()
     if settings["prior"] == "vade":
