@@ -14,10 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import anndata
 import lightning.pytorch as pl
-import numpy as np
 import torch
+from _data import kang_subset
 
 from pyro_vmm import VMMSCVI
 
@@ -51,12 +50,7 @@ def main() -> None:
     out, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    adata = anndata.read_h5ad(data_dir / "scrna" / "kang_ifnb_2800.h5ad")
-    rng = np.random.default_rng(0)
-    cells = np.sort(rng.choice(adata.n_obs, 300, replace=False))
-    genes = np.sort(np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:200])
-    adata = adata[cells, genes].copy()
-    adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
+    adata = kang_subset(data_dir / "scrna" / "kang_ifnb_2800.h5ad")
     VMMSCVI.setup_anndata(adata, batch_key="batch")
     model = VMMSCVI(adata, prior="vmm", seed=0, n_latent=4, n_hidden=32, n_clusters=8)
     init = {k: v.detach().clone() for k, v in model.module.state_dict().items()}

@@ -29,18 +29,14 @@ from pyro_vmm.guard import NonFiniteError  # noqa: E402
 from pyro_vmm.scvi_model import VMMSCVI  # noqa: E402
 from pyro_vmm.validation import InputError  # noqa: E402
 
+from _data import kang_subset  # noqa: E402
+
 TINY = dict(n_latent=4, n_hidden=32, n_clusters=8)
 TRAIN = dict(batch_size=64, enable_progress_bar=False, early_stopping=False, seed=3)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _subset(path: Path):
-    adata = anndata.read_h5ad(path)
-    rng = np.random.default_rng(0)
-    cells = np.sort(rng.choice(adata.n_obs, 300, replace=False))
-    genes = np.sort(np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:200])
-    sub = adata[cells, genes].copy()
-    return sub[np.asarray(sub.X.sum(1)).ravel() > 0].copy()
+_subset = kang_subset  # the subprocess children import it from here
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,15 @@ from pyro_vmm.models.scvi import (  # noqa: E402
 )
 from pyro_vmm.scvi_model import VMMSCVI, InMemoryDataSplitter, MinibatchSampler  # noqa: E402
 
+from _data import kang_subset  # noqa: E402
+
 TINY = dict(n_latent=4, n_hidden=32, n_clusters=8)
 TRAIN = dict(batch_size=64, enable_progress_bar=False, early_stopping=False)
 
 
 @pytest.fixture(scope="module")
 def small_adata(shared_data):
-    adata = anndata.read_h5ad(shared_data / "scrna" / "kang_ifnb_2800.h5ad")
-    rng = np.random.default_rng(0)
-    cells = np.sort(rng.choice(adata.n_obs, 300, replace=False))
-    genes = np.sort(np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:200])
-    sub = adata[cells, genes].copy()
-    sub = sub[np.asarray(sub.X.sum(1)).ravel() > 0].copy()
+    sub = kang_subset(shared_data / "scrna" / "kang_ifnb_2800.h5ad")
     assert sub.obs["batch"].nunique() == 2
     return sub
 
