@@ -229,6 +229,18 @@ def _utilized(module: torch.nn.Module, x: Tensor, batch_size: int) -> int:
     return int(np.unique(probs.argmax(1)).size)
 
 
+def _prepare(
+    module: torch.nn.Module, x: Tensor, x_val: Tensor | None, config: TrainingConfig
+) -> tuple[torch.device, Tensor, Tensor | None]:
+    """Seed, move the module and the data to ``config.device``, hold out validation images if none were given."""
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    module.to(device)
+    if x_val is None:
+        x, x_val = split_validation(x, config.val_fraction, config.seed)
+    return device, x.to(device), x_val.to(device) if x_val is not None else None
+
+
 def train_image_model(
     module: torch.nn.Module,
     x: Tensor,
@@ -241,13 +253,7 @@ def train_image_model(
     for early stopping.  The module is moved to ``config.device`` and left there, in eval mode, with the weights of
     the best validation epoch.
     """
-    set_seed(config.seed)
-    device = resolve_device(config.device)
-    module.to(device)
-    if x_val is None:
-        x, x_val = split_validation(x, config.val_fraction, config.seed)
-    x = x.to(device)
-    x_val = x_val.to(device) if x_val is not None else None
+    device, x, x_val = _prepare(module, x, x_val, config)
     svi = AlternatingSVI(
         module,
         lr=config.lr,
@@ -290,13 +296,7 @@ def train_vade(
     """
     from sklearn.mixture import GaussianMixture
 
-    set_seed(config.seed)
-    device = resolve_device(config.device)
-    module.to(device)
-    if x_val is None:
-        x, x_val = split_validation(x, config.val_fraction, config.seed)
-    x = x.to(device)
-    x_val = x_val.to(device) if x_val is not None else None
+    device, x, x_val = _prepare(module, x, x_val, config)
     n_pre = round(5 * config.batch_size / 100) if pretrain_epochs is None else int(pretrain_epochs)
 
     def make_step(optimizer: torch.optim.Optimizer, kl_weight: float):
