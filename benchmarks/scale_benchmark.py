@@ -160,7 +160,7 @@ def k_table(args) -> dict:
         b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:bs, None].astype(np.int64))
         model = VMMSCVI(adata, prior="vmm", n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=args.seed)
         plan = VMMTrainingPlan(model.module)
-        vi_opt, em_opt = plan.svi.build_optimizers()
+        vi_opt, em_opt = plan.configure_optimizers()  # the optimisers training uses (fused Adam where supported)
         args_, kwargs = model.module._get_fn_args_from_batch({"X": x, "batch": b})
         svi = plan.svi
 

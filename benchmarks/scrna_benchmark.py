@@ -101,7 +101,18 @@ def _timing(timer, t_train: float) -> dict[str, float]:
     }
 
 
-def train_ours(adata, prior: str, seed: int, args) -> dict[str, Any]:
+def vmm_setting(dataset: str, args) -> dict[str, float]:
+    """VMM-scVI's batch size and PLR on ``dataset``: the tuning sweep's selection (``--vmm-config``) or the defaults."""
+    setting = {"batch_size": args.batch_size, "prior_lr_ratio": args.prior_lr_ratio}
+    if args.vmm_config:
+        tuned = json.loads(Path(args.vmm_config).read_text()).get("datasets", {}).get(dataset)
+        if tuned is not None:
+            setting = {k: tuned["selected"][k] for k in setting}
+    return setting
+
+
+def train_ours(adata, prior: str, seed: int, args, dataset: str = "") -> dict[str, Any]:
+    """Our model with ``prior``; VMM-scVI with its tuned batch size / PLR (same number of epochs as the others)."""
     from pyro_vmm import VMMSCVI
 
     data = adata.copy()
@@ -110,9 +121,12 @@ def train_ours(adata, prior: str, seed: int, args) -> dict[str, Any]:
                     gene_likelihood="zinb", seed=seed)
     timer = epoch_timer()
     t0 = time.perf_counter()
-    model.train(lr=args.lr, prior_lr_ratio=args.prior_lr_ratio, seed=seed, callbacks=[timer],
-                **_trainer_kwargs(args, data.n_obs))
+    setting = vmm_setting(dataset, args) if prior == "vmm" else {"batch_size": args.batch_size,
+                                                                  "prior_lr_ratio": args.prior_lr_ratio}
+    kwargs = {**_trainer_kwargs(args, data.n_obs), "batch_size": int(setting["batch_size"])}
+    model.train(lr=args.lr, prior_lr_ratio=float(setting["prior_lr_ratio"]), seed=seed, callbacks=[timer], **kwargs)
     out = _timing(timer, time.perf_counter() - t0)
+    out.update(setting)
     out["latent"] = model.get_latent_representation()
     out["probs"] = model.get_cluster_probabilities() if prior != "normal" else None
     out["elbo_train"] = float(model.history["elbo_train"].iloc[-1, 0])
@@ -142,16 +156,23 @@ def train_scvi(adata, seed: int, args) -> dict[str, Any]:
     return out
 
 
+def load_hvg(name: str, data_dir: str, n_top_genes: int):
+    """The data set's counts on its seurat_v3 HVGs (batch-aware for multi-batch sets), cells without counts dropped."""
+    from pyro_vmm.data.scrna import load_shared, select_hvg
+
+    adata = load_shared(name, data_dir)
+    n_batches = adata.obs["batch"].nunique()
+    hvg = select_hvg(adata, n_top_genes=n_top_genes, batch_key="batch" if n_batches > 1 else None)
+    return hvg[np.asarray(hvg.X.sum(axis=1)).ravel() > 0].copy()
+
+
 def run_one(name: str, seed: int, args) -> list[dict[str, Any]]:
     """All models on one data set and seed; returns one result row per model."""
-    from pyro_vmm.data.scrna import load_shared, select_hvg
     from pyro_vmm.evaluation import ScibConfig, clustering_scores, leiden_baseline, pca_embedding, scib_table
     from pyro_vmm.utils import set_seed
 
-    adata = load_shared(name, args.data_dir)
-    n_batches = adata.obs["batch"].nunique()
-    hvg = select_hvg(adata, n_top_genes=args.n_top_genes, batch_key="batch" if n_batches > 1 else None)
-    hvg = hvg[np.asarray(hvg.X.sum(axis=1)).ravel() > 0].copy()
+    hvg = load_hvg(name, args.data_dir, args.n_top_genes)
+    n_batches = hvg.obs["batch"].nunique()
     labels = hvg.obs["cell_type"].astype(str).to_numpy()
     base = {"dataset": name, "seed": seed, "n_cells": hvg.n_obs, "n_genes": hvg.n_vars, "n_batches": int(n_batches),
             "n_labels": int(np.unique(labels).size), "max_epochs": epochs_for(hvg.n_obs, args)}
@@ -164,7 +185,7 @@ def run_one(name: str, seed: int, args) -> list[dict[str, Any]]:
         elif model == "SCVI":
             res = train_scvi(hvg, seed, args)
         else:
-            res = train_ours(hvg, PRIORS[model], seed, args)
+            res = train_ours(hvg, PRIORS[model], seed, args, dataset=name)
         hvg.obsm[OBSM[model]] = res.pop("latent")
         probs = res.pop("probs")
         row = {**base, "model": model, **res}
@@ -276,6 +297,10 @@ def write(path: Path, payload: dict) -> None:
 
 def report(summary, rows, note: str) -> None:
     print("\n" + format_table(summary))
+    settings = {(r["dataset"], r["batch_size"], r["prior_lr_ratio"]) for r in rows if r["model"] == "VMM-scVI"
+                and "batch_size" in r}
+    for ds, bs, plr in sorted(settings):
+        print(f"VMM-scVI on {ds}: batch size {bs}, prior LR ratio {plr}")
     print("\nAcceptance checks:")
     for c in checks(summary, rows):
         nums = ", ".join(f"{k}={v:.3f}" for k, v in c.items() if isinstance(v, float))
@@ -317,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prior-lr-ratio", type=float, default=2.5,
                    help="EM learning rate / VI learning rate; 2.5 was chosen on kang_ifnb_2800 (see docs/results/scrna.md)")
+    p.add_argument("--vmm-config", default=None, metavar="JSON",
+                   help="scrna_tuning.py's result: VMM-scVI uses the batch size and PLR selected there for each data "
+                        "set it lists (same number of epochs as the other models)")
     p.add_argument("--n-clusters", type=int, default=100)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)

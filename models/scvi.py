@@ -18,7 +18,8 @@ The NB is Pyro's failure-count parameterisation ``NegativeBinomial(total_count=t
 (mean :math:`\mu`, variance :math:`\mu + \mu^2/\theta`), with ``eps = 1e-8`` inside the logs as in scvi-tools; the
 ZINB is ``ZeroInflatedDistribution(NB, gate_logits=h)``, i.e. ``dist.ZeroInflatedNegativeBinomial``.  The NB is
 :class:`NegativeBinomialCounts`, a Pyro ``NegativeBinomial`` whose log-density evaluates its ``lgamma`` terms on the
-non-zero counts only (same values and gradients, a large saving on sparse scRNA-seq counts).
+non-zero counts only (same values and gradients, a large saving on sparse scRNA-seq counts); the ZINB is
+:class:`ZeroInflatedNBCounts`, whose log-density and its gradient are one hand-written autograd function.
 
 Amortised posterior (guide): :math:`q_\phi(z_n \mid x_n, s_n) = \mathcal N(m_n, \operatorname{diag} \sigma_n^2)`
 from ``concat(log1p(x_n), onehot(s_n))`` through ``n_layers x [Linear -> BatchNorm(momentum 0.01, eps 1e-3) -> ReLU
@@ -55,7 +56,13 @@ from torch import Tensor, nn
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode, inverse_softplus
 
-__all__ = ["NegativeBinomialCounts", "VMMSCVIModule", "counts_to_pseudo_inputs", "inverse_softplus"]
+__all__ = [
+    "NegativeBinomialCounts",
+    "VMMSCVIModule",
+    "ZeroInflatedNBCounts",
+    "counts_to_pseudo_inputs",
+    "inverse_softplus",
+]
 
 #: inside the logs of the NB/ZINB logits, as scvi-tools' ``log_nb_positive``
 NB_EPS = 1e-8
@@ -87,6 +94,64 @@ class NegativeBinomialCounts(dist.NegativeBinomial):
         x_nz, theta_nz = value[idx], theta[idx]
         lgamma_terms = torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
         return dense + torch.zeros_like(dense).index_put(idx, lgamma_terms)
+
+
+class _ZINBLogProb(torch.autograd.Function):
+    r"""Element-wise ZINB log-density with a hand-written backward (one fused pass each way instead of ~30 autograd
+    nodes); inputs ``(eta, theta, h, x)`` already broadcast.  With :math:`A = x\eta - (\theta + x)
+    \operatorname{softplus}(\eta)` (the NB log-density without its ``lgamma`` terms) and :math:`z = [x = 0]`:
+
+    .. math:: \log p = A - \operatorname{softplus}(h) + z\,\operatorname{softplus}(h - A)
+              + (1 - z)\,[\log\Gamma(\theta + x) - \log\Gamma(\theta) - \log\Gamma(x + 1)]
+
+    (at :math:`x = 0`: :math:`\log(\sigma(h) + \sigma(-h)\,e^{A})`; else :math:`\log\sigma(-h) + \log
+    \mathrm{NB}(x)`).  Gradients, with :math:`r = z\,\sigma(h - A)`: :math:`\partial_h = r - \sigma(h)`,
+    :math:`\partial_A = 1 - r`, :math:`\partial_\eta = \partial_A (x - (\theta + x)\sigma(\eta))`,
+    :math:`\partial_\theta = -\partial_A \operatorname{softplus}(\eta) + (1 - z)[\psi(\theta + x) -
+    \psi(\theta)]`; the ``lgamma``/``digamma`` terms run on the non-zero counts only."""
+
+    @staticmethod
+    def forward(ctx, eta: Tensor, theta: Tensor, h: Tensor, x: Tensor) -> Tensor:  # noqa: D102
+        sp_eta = F.softplus(eta)
+        a = x * eta - (theta + x) * sp_eta
+        zero = x == 0
+        h_minus_a = h - a
+        out = (a - F.softplus(h)) + torch.where(zero, F.softplus(h_minus_a), 0.0)
+        idx = torch.nonzero(~zero, as_tuple=True)
+        x_nz, theta_nz = x[idx], theta[idx]
+        lgamma_terms = torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
+        out = out.index_put(idx, lgamma_terms, accumulate=True)
+        ctx.save_for_backward(eta, theta, h, x, sp_eta, h_minus_a, zero)
+        ctx.nonzero = idx
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        eta, theta, h, x, sp_eta, h_minus_a, zero = ctx.saved_tensors
+        r = torch.where(zero, torch.sigmoid(h_minus_a), 0.0)
+        d_a = (1.0 - r) * grad
+        d_h = (r - torch.sigmoid(h)) * grad
+        d_eta = d_a * (x - (theta + x) * torch.sigmoid(eta))
+        idx = ctx.nonzero
+        x_nz, theta_nz = x[idx], theta[idx]
+        d_theta = (-d_a * sp_eta).index_put(
+            idx, (torch.digamma(theta_nz + x_nz) - torch.digamma(theta_nz)) * grad[idx], accumulate=True
+        )
+        return d_eta, d_theta, d_h, None
+
+
+class ZeroInflatedNBCounts(dist.ZeroInflatedDistribution):
+    r"""Pyro's ``ZeroInflatedDistribution(NegativeBinomial(theta, logits=eta), gate_logits=h)`` (the same
+    distribution as ``dist.ZeroInflatedNegativeBinomial``) whose ``log_prob`` is :class:`_ZINBLogProb`: same values
+    and gradients, about a third less time for a training step's likelihood.  Sampling, ``expand`` and ``to_event``
+    are Pyro's."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        base = self.base_dist
+        eta, theta, h, value = torch.broadcast_tensors(base.logits, base.total_count, self.gate_logits, value)
+        return _ZINBLogProb.apply(eta, theta, h, value)
 
 
 def counts_to_pseudo_inputs(counts: Tensor, n_batch: int, shift: float = 0.0) -> Tensor:
@@ -262,7 +327,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         logits = torch.log(mu + NB_EPS) - torch.log(theta + NB_EPS)
         px = NegativeBinomialCounts(total_count=theta, logits=logits)
         if self.gene_likelihood == "zinb":  # = dist.ZeroInflatedNegativeBinomial(theta, logits, gate_logits=h)
-            px = dist.ZeroInflatedDistribution(px, gate_logits=zi_logits)
+            px = ZeroInflatedNBCounts(px, gate_logits=zi_logits)
         return px.to_event(1)
 
     # ------------------------------------------------------------------------------------------- Pyro programs
