@@ -177,13 +177,18 @@ def k_table(args) -> dict:
             loss.backward()
             em_opt.step()
 
-        def clock(fn, n=args.k_reps):
+        def clock(fn, n=args.k_reps, rounds=5):
+            """Median over ``rounds`` rounds of ``n / rounds`` calls (ms per call): robust to a busy neighbour."""
             for _ in range(5):
                 fn()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return (time.perf_counter() - t0) / n * 1e3
+            per_round = max(1, n // rounds)
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    fn()
+                times.append((time.perf_counter() - t0) / per_round * 1e3)
+            return statistics.median(times)
 
         import pyro
 

@@ -111,7 +111,7 @@ class _ZINBLogProb(torch.autograd.Function):
     \psi(\theta)]`; the ``lgamma``/``digamma`` terms run on the non-zero counts only."""
 
     @staticmethod
-    def forward(ctx, eta: Tensor, theta: Tensor, h: Tensor, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, eta: Tensor, theta: Tensor, h: Tensor, x: Tensor) -> Tensor:
         sp_eta = F.softplus(eta)
         a = x * eta - (theta + x) * sp_eta
         zero = x == 0
@@ -120,13 +120,13 @@ class _ZINBLogProb(torch.autograd.Function):
         idx = torch.nonzero(~zero, as_tuple=True)
         x_nz, theta_nz = x[idx], theta[idx]
         lgamma_terms = torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
-        out = out.index_put(idx, lgamma_terms, accumulate=True)
+        out.index_put_(idx, out[idx] + lgamma_terms)  # unique indices: a gather and a scatter, no accumulate pass
         ctx.save_for_backward(eta, theta, h, x, sp_eta, h_minus_a, zero)
         ctx.nonzero = idx
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: D102
+    def backward(ctx, grad: Tensor):
         eta, theta, h, x, sp_eta, h_minus_a, zero = ctx.saved_tensors
         r = torch.where(zero, torch.sigmoid(h_minus_a), 0.0)
         d_a = (1.0 - r) * grad
@@ -134,9 +134,8 @@ class _ZINBLogProb(torch.autograd.Function):
         d_eta = d_a * (x - (theta + x) * torch.sigmoid(eta))
         idx = ctx.nonzero
         x_nz, theta_nz = x[idx], theta[idx]
-        d_theta = (-d_a * sp_eta).index_put(
-            idx, (torch.digamma(theta_nz + x_nz) - torch.digamma(theta_nz)) * grad[idx], accumulate=True
-        )
+        d_theta = -d_a * sp_eta
+        d_theta.index_put_(idx, d_theta[idx] + (torch.digamma(theta_nz + x_nz) - torch.digamma(theta_nz)) * grad[idx])
         return d_eta, d_theta, d_h, None
 
 
