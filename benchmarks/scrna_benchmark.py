@@ -70,12 +70,16 @@ def epoch_timer():
     return EpochTimer()
 
 
+def epochs_for_steps(n_cells: int, steps: int, batch_size: int) -> int:
+    """Epochs that give ``steps`` minibatch steps at ``batch_size`` on the 90 % training split."""
+    return max(1, math.ceil(steps / math.ceil(round(0.9 * n_cells) / batch_size)))
+
+
 def epochs_for(n_cells: int, args) -> int:
     """``--max-epochs`` if given, else enough epochs for ``--steps`` minibatch steps on 90% of the cells."""
     if args.max_epochs is not None:
         return args.max_epochs
-    steps_per_epoch = math.ceil(round(0.9 * n_cells) / args.batch_size)
-    return max(1, math.ceil(args.steps / steps_per_epoch))
+    return epochs_for_steps(n_cells, args.steps, args.batch_size)
 
 
 def _trainer_kwargs(args, n_cells: int) -> dict[str, Any]:
@@ -101,10 +105,11 @@ def _timing(timer, t_train: float) -> dict[str, float]:
     }
 
 
-def vmm_setting(dataset: str, args) -> dict[str, float]:
-    """VMM-scVI's batch size and PLR on ``dataset``: the tuning sweep's selection (``--vmm-config``) or the defaults."""
+def train_setting(prior: str, dataset: str, args) -> dict[str, float]:
+    """Batch size and PLR of our model with ``prior`` on ``dataset``: for the VMM the tuning sweep's selection
+    (``--vmm-config``) where it lists the data set, otherwise ``--batch-size`` / ``--prior-lr-ratio``."""
     setting = {"batch_size": args.batch_size, "prior_lr_ratio": args.prior_lr_ratio}
-    if args.vmm_config:
+    if prior == "vmm" and args.vmm_config:
         tuned = json.loads(Path(args.vmm_config).read_text()).get("datasets", {}).get(dataset)
         if tuned is not None:
             setting = {k: tuned["selected"][k] for k in setting}
@@ -121,8 +126,7 @@ def train_ours(adata, prior: str, seed: int, args, dataset: str = "") -> dict[st
                     gene_likelihood="zinb", seed=seed)
     timer = epoch_timer()
     t0 = time.perf_counter()
-    setting = vmm_setting(dataset, args) if prior == "vmm" else {"batch_size": args.batch_size,
-                                                                  "prior_lr_ratio": args.prior_lr_ratio}
+    setting = train_setting(prior, dataset, args)
     kwargs = {**_trainer_kwargs(args, data.n_obs), "batch_size": int(setting["batch_size"])}
     model.train(lr=args.lr, prior_lr_ratio=float(setting["prior_lr_ratio"]), seed=seed, callbacks=[timer], **kwargs)
     out = _timing(timer, time.perf_counter() - t0)

@@ -32,16 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scrna_benchmark import DATASETS, RESULTS, load_hvg  # noqa: E402
+from scrna_benchmark import DATASETS, RESULTS, epochs_for_steps, load_hvg  # noqa: E402
 
 from pyro_vmm.utils import atomic_path  # noqa: E402
 
+#: every configuration trains the epochs that give ``--steps`` steps at this batch size
 BASE_BATCH_SIZE = 128
-
-
-def epochs_for_steps(n_cells: int, steps: int, batch_size: int = BASE_BATCH_SIZE) -> int:
-    """Epochs that give ``steps`` minibatch steps at ``batch_size`` on the 90 % training split."""
-    return max(1, math.ceil(steps / math.ceil(round(0.9 * n_cells) / batch_size)))
 
 
 def sweep_dataset(name: str, args) -> dict:
@@ -50,7 +46,7 @@ def sweep_dataset(name: str, args) -> dict:
     hvg = load_hvg(name, args.data_dir, args.n_top_genes)
     n_labels = int(hvg.obs["cell_type"].nunique())
     multi_batch = hvg.obs["batch"].nunique() > 1
-    epochs = epochs_for_steps(hvg.n_obs, args.steps)
+    epochs = epochs_for_steps(hvg.n_obs, args.steps, BASE_BATCH_SIZE)
     trial = vmm_scvi_trial(
         hvg,
         batch_key="batch" if multi_batch else None,

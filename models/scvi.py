@@ -90,15 +90,21 @@ class NegativeBinomialCounts(dist.NegativeBinomial):
             self._validate_sample(value)
         theta, eta, value = torch.broadcast_tensors(self.total_count, self.logits, value)
         dense = value * eta - (theta + value) * F.softplus(eta)
-        idx = torch.nonzero(value > 0, as_tuple=True)  # one nonzero() pass; gathers work on broadcast views
-        x_nz, theta_nz = value[idx], theta[idx]
-        lgamma_terms = torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
+        idx, lgamma_terms = _nonzero_lgamma_terms(theta, value)
         return dense + torch.zeros_like(dense).index_put(idx, lgamma_terms)
 
 
+def _nonzero_lgamma_terms(theta: Tensor, x: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    r"""Indices of the non-zero counts (one ``nonzero()`` pass; the gathers work on broadcast views) and
+    :math:`\log\Gamma(\theta + x) - \log\Gamma(\theta) - \log\Gamma(x + 1)` there (it vanishes at :math:`x = 0`)."""
+    idx = torch.nonzero(x > 0, as_tuple=True)
+    x_nz, theta_nz = x[idx], theta[idx]
+    return idx, torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
+
+
 class _ZINBLogProb(torch.autograd.Function):
-    r"""Element-wise ZINB log-density with a hand-written backward (one fused pass each way instead of ~30 autograd
-    nodes); inputs ``(eta, theta, h, x)`` already broadcast.  With :math:`A = x\eta - (\theta + x)
+    r"""Element-wise ZINB log-density with a hand-written backward (about 10 element-wise passes each way instead of
+    ~30 autograd nodes); inputs ``(eta, theta, h, x)`` already broadcast.  With :math:`A = x\eta - (\theta + x)
     \operatorname{softplus}(\eta)` (the NB log-density without its ``lgamma`` terms) and :math:`z = [x = 0]`:
 
     .. math:: \log p = A - \operatorname{softplus}(h) + z\,\operatorname{softplus}(h - A)
@@ -117,9 +123,7 @@ class _ZINBLogProb(torch.autograd.Function):
         zero = x == 0
         h_minus_a = h - a
         out = (a - F.softplus(h)) + torch.where(zero, F.softplus(h_minus_a), 0.0)
-        idx = torch.nonzero(~zero, as_tuple=True)
-        x_nz, theta_nz = x[idx], theta[idx]
-        lgamma_terms = torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
+        idx, lgamma_terms = _nonzero_lgamma_terms(theta, x)
         out.index_put_(idx, out[idx] + lgamma_terms)  # unique indices: a gather and a scatter, no accumulate pass
         ctx.save_for_backward(eta, theta, h, x, sp_eta, h_minus_a, zero)
         ctx.nonzero = idx
@@ -142,7 +146,7 @@ class _ZINBLogProb(torch.autograd.Function):
 class ZeroInflatedNBCounts(dist.ZeroInflatedDistribution):
     r"""Pyro's ``ZeroInflatedDistribution(NegativeBinomial(theta, logits=eta), gate_logits=h)`` (the same
     distribution as ``dist.ZeroInflatedNegativeBinomial``) whose ``log_prob`` is :class:`_ZINBLogProb`: same values
-    and gradients, about a third less time for a training step's likelihood.  Sampling, ``expand`` and ``to_event``
+    and gradients, fewer passes over the (B, G) counts (a few per cent of a VI step at batch 128 on CPU).  Sampling, ``expand`` and ``to_event``
     are Pyro's."""
 
     def log_prob(self, value: Tensor) -> Tensor:
