@@ -59,6 +59,8 @@ COLUMNS = [
     ("nmi_unmerged", "NMI-u", 3),
     ("ari_unmerged", "ARI-u", 3),
     ("leiden_nmi", "Leiden NMI", 3),
+    ("cluster_batch_mixing", "Mix", 3),
+    ("leiden_batch_mixing", "Leiden mix", 3),
     ("s_per_epoch", "s/epoch", 2),
     ("cpu_s_per_epoch", "CPU s/ep", 2),
 ]
@@ -173,11 +175,13 @@ def load_hvg(name: str, data_dir: str, n_top_genes: int):
 def run_one(name: str, seed: int, args) -> list[dict[str, Any]]:
     """All models on one data set and seed; returns one result row per model."""
     from pyro_vmm.evaluation import ScibConfig, clustering_scores, leiden_baseline, pca_embedding, scib_table
+    from pyro_vmm.metrics import cluster_batch_mixing
     from pyro_vmm.utils import set_seed
 
     hvg = load_hvg(name, args.data_dir, args.n_top_genes)
     n_batches = hvg.obs["batch"].nunique()
     labels = hvg.obs["cell_type"].astype(str).to_numpy()
+    batches = hvg.obs["batch"].astype(str).to_numpy()
     base = {"dataset": name, "seed": seed, "n_cells": hvg.n_obs, "n_genes": hvg.n_vars, "n_batches": int(n_batches),
             "n_labels": int(np.unique(labels).size), "max_epochs": epochs_for(hvg.n_obs, args)}
     rows = []
@@ -195,9 +199,13 @@ def run_one(name: str, seed: int, args) -> list[dict[str, Any]]:
         row = {**base, "model": model, **res}
         if probs is not None:
             row.update(clustering_scores(probs, labels).to_dict())
+            if n_batches > 1:  # are the model's own clusters split by batch?
+                row["cluster_batch_mixing"] = cluster_batch_mixing(probs.argmax(1), batches)
         if model != "PCA":
             leiden = leiden_baseline(hvg.obsm[OBSM[model]], labels, resolution=1.0, seed=seed)
             row.update({"leiden_nmi": leiden.nmi, "leiden_ari": leiden.ari, "leiden_clusters": leiden.n_clusters})
+            if n_batches > 1:
+                row["leiden_batch_mixing"] = cluster_batch_mixing(leiden.clusters, batches)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"  {name} seed {seed} {model:<12} {row['wall_s']:7.1f} s  "

@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, mutual_info_score, normalized_mutual_info_score
 
 __all__ = [
     "ClusteringScores",
+    "cluster_batch_mixing",
     "clustering_scores",
     "hungarian_accuracy",
-    "most_probable_member_labels",
     "most_probable_member_accuracy",
+    "most_probable_member_labels",
     "nmi_merged",
     "nmi_unmerged",
     "utilized_clusters",
@@ -72,6 +73,23 @@ def hungarian_accuracy(assignments, labels) -> float:
     np.add.at(counts, (ia, iy), 1)
     rows, cols = linear_sum_assignment(-counts)
     return float(counts[rows, cols].sum() / y.size)
+
+
+def cluster_batch_mixing(assignments, batch) -> float:
+    r"""How mixed the clusters are across batches: :math:`H(s \mid c) / H(s) = 1 - I(c; s) / H(s)`.
+
+    :math:`s` is the batch and :math:`c` the cluster of a cell (natural logs).  1: every cluster has the batch
+    composition of the whole data set; 0: every cluster holds cells of one batch only (clusters split by batch).
+    Raises for fewer than two batches, where mixing is undefined."""
+    c, s = _as_labels(assignments), _as_labels(batch)
+    if c.shape != s.shape:
+        raise ValueError(f"assignments and batch must have the same length, got {c.shape} and {s.shape}")
+    _, counts = np.unique(s, return_counts=True)
+    if counts.size < 2:
+        raise ValueError("cluster_batch_mixing needs at least two batches")
+    p = counts / counts.sum()
+    h_batch = float(-(p * np.log(p)).sum())
+    return float(1.0 - mutual_info_score(s, c) / h_batch)
 
 
 @dataclass(frozen=True)

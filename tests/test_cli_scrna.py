@@ -69,6 +69,10 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     }
     assert metrics["utilized_clusters"] == len(np.unique(probs.argmax(1))) == metrics["clustering"]["utilized_clusters"]
     assert sum(metrics["cluster_sizes"].values()) == 300
+    from pyro_vmm.metrics import cluster_batch_mixing
+
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    assert metrics["cluster_batch_mixing"] == pytest.approx(cluster_batch_mixing(probs.argmax(1), batch))
     assert 0.0 <= metrics["clustering"]["nmi_unmerged"] <= 1.0
     assert metrics["epochs_trained"] == 2
     assert all(np.isfinite(metrics["elbo"][k]) and metrics["elbo"][k] > 0 for k in ("train_final", "validation_final"))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pyro_vmm.metrics import (
+    cluster_batch_mixing,
     clustering_scores,
     hungarian_accuracy,
     most_probable_member_accuracy,
@@ -106,6 +107,22 @@ def test_clustering_scores_orchestrator():
     assert (b.utilized_clusters, b.accuracy, b.nmi_merged, b.ari_merged) == (3, 1.0, pytest.approx(1.0), 1.0)
     assert b.hungarian_accuracy is None  # 3 clusters for 2 classes: not one-to-one
     assert set(b.to_dict()) >= {"utilized_clusters", "accuracy", "nmi_merged", "nmi_unmerged"}
+
+
+def test_cluster_batch_mixing_by_hand():
+    s = np.array(["a", "a", "b", "b"])
+    assert cluster_batch_mixing([0, 0, 1, 1], s) == pytest.approx(0.0, abs=1e-12)  # clusters split by batch
+    assert cluster_batch_mixing([0, 1, 0, 1], s) == pytest.approx(1.0)  # each cluster is half a, half b
+    assert cluster_batch_mixing([5, 5, 5, 5], s) == pytest.approx(1.0)  # one cluster: as mixed as the data
+    # clusters {a, a, b} and {b}: H(s|c) = 3/4 (ln 3 - 2/3 ln 2), H(s) = ln 2
+    assert cluster_batch_mixing([0, 0, 0, 1], s) == pytest.approx(0.75 * math.log2(3) - 0.5, abs=1e-12)
+    # unbalanced batches a, a, a, b; clusters {a, a} and {a, b}: H(s|c) = 1/2 ln 2, H(s) = ln 4 - 3/4 ln 3
+    expected = 0.5 * math.log(2) / (math.log(4) - 0.75 * math.log(3))
+    assert cluster_batch_mixing([0, 0, 1, 1], ["a", "a", "a", "b"]) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="two batches"):
+        cluster_batch_mixing([0, 1], ["a", "a"])
+    with pytest.raises(ValueError, match="same length"):
+        cluster_batch_mixing([0, 1, 2], ["a", "b"])
 
 
 def test_bad_shapes_are_rejected():

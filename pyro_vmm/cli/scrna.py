@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"training on {hvg.n_obs} cells x {hvg.n_vars} highly variable genes")
 
     from pyro_vmm import VMMSCVI
+    from pyro_vmm.metrics import cluster_batch_mixing
 
     VMMSCVI.setup_anndata(hvg, batch_key=args.batch_key)
     model = VMMSCVI(
@@ -238,6 +239,12 @@ def run(args: argparse.Namespace) -> int:
         },
         "utilized_clusters": int(np.unique(assign).size),
         "cluster_sizes": {str(k): int(v) for k, v in zip(*np.unique(assign, return_counts=True), strict=True)},
+        # H(batch | cluster) / H(batch): 1 = clusters as mixed across batches as the data, 0 = split by batch
+        "cluster_batch_mixing": (
+            cluster_batch_mixing(assign, adata.obs[args.batch_key].astype(str).to_numpy())
+            if args.batch_key and adata.obs[args.batch_key].nunique() > 1
+            else None
+        ),
         "clustering": None,
         "elbo": {
             "train_final": _last(history, "elbo_train"),
