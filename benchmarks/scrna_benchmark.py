@@ -113,6 +113,9 @@ def train_setting(prior: str, dataset: str, args) -> dict[str, float]:
     setting = {"batch_size": args.batch_size, "prior_lr_ratio": args.prior_lr_ratio}
     if prior == "vmm" and args.vmm_config:
         tuned = json.loads(Path(args.vmm_config).read_text()).get("datasets", {}).get(dataset)
+        if tuned is not None and tuned.get("selected") is None:
+            raise SystemExit(f"{args.vmm_config} has no selected setting for {dataset} (no configuration of its sweep "
+                             "reached the number of cell types); widen the sweep or drop --vmm-config")
         if tuned is not None:
             setting = {k: tuned["selected"][k] for k in setting}
     return setting

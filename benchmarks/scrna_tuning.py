@@ -11,7 +11,8 @@ selection reads the labels (through scIB); the benchmark then runs the selected 
 Run from the repository root, e.g.:
     python benchmarks/scrna_tuning.py --datasets kang_ifnb_2800 cellbench_3cl --steps 2000
 Writes ``benchmarks/results/scrna_tuning.json`` (updated after every data set; the ``selected`` entry per data set is
-what ``scrna_benchmark.py --vmm-config`` reads) and one Figure-5 plot per data set next to it.
+what ``scrna_benchmark.py --vmm-config`` reads; it is null when no configuration reached the number of cell types)
+and one Figure-5 plot per data set next to it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def sweep_dataset(name: str, args) -> dict:
                       seeds=tuple(args.seeds))
     sweep = tuning_sweep(timed, n_labels=n_labels, grid=grid, progress=False)
     score = "Total" if multi_batch else "Bio conservation"
-    selected = select_tuning_config(sweep, score=score)
+    try:
+        selected = select_tuning_config(sweep, score=score)
+    except ValueError as err:  # nothing eligible: keep (and write) the runs, select nothing
+        selected = None
+        print(f"\n{name}: no selection -- {err}", flush=True)
     figure = Path(args.out).with_name(f"scrna_tuning_{name}.png")
     fig = plot_tuning_sweep(sweep, score=score)
     with atomic_path(figure) as tmp:
@@ -80,7 +85,8 @@ def sweep_dataset(name: str, args) -> dict:
              [["utilized_clusters", "nmi_unmerged", score, "wall_s"]].mean().reset_index())
     print(f"\n{name}: {n_labels} cell types, {epochs} epochs per run, selected by mean {score}")
     print(means.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"selected: batch size {selected['batch_size']}, PLR {selected['prior_lr_ratio']}\n", flush=True)
+    if selected is not None:
+        print(f"selected: batch size {selected['batch_size']}, PLR {selected['prior_lr_ratio']}\n", flush=True)
     return {"n_labels": n_labels, "epochs": epochs, "score": score, "selected": selected,
             "figure": figure.name, "runs": json.loads(sweep.to_json(orient="records"))}
 
