@@ -90,16 +90,18 @@ class NegativeBinomialCounts(dist.NegativeBinomial):
             self._validate_sample(value)
         theta, eta, value = torch.broadcast_tensors(self.total_count, self.logits, value)
         dense = value * eta - (theta + value) * F.softplus(eta)
-        idx, lgamma_terms = _nonzero_lgamma_terms(theta, value)
+        idx, _, _, lgamma_terms = _nonzero_lgamma_terms(theta, value)
         return dense + torch.zeros_like(dense).index_put(idx, lgamma_terms)
 
 
-def _nonzero_lgamma_terms(theta: Tensor, x: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-    r"""Indices of the non-zero counts (one ``nonzero()`` pass; the gathers work on broadcast views) and
-    :math:`\log\Gamma(\theta + x) - \log\Gamma(\theta) - \log\Gamma(x + 1)` there (it vanishes at :math:`x = 0`)."""
+def _nonzero_lgamma_terms(theta: Tensor, x: Tensor) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    r"""Indices of the non-zero counts (one ``nonzero()`` pass; the gathers work on broadcast views), :math:`\theta`
+    and :math:`\theta + x` there, and :math:`\log\Gamma(\theta + x) - \log\Gamma(\theta) - \log\Gamma(x + 1)`
+    there (it vanishes at :math:`x = 0`)."""
     idx = torch.nonzero(x > 0, as_tuple=True)
     x_nz, theta_nz = x[idx], theta[idx]
-    return idx, torch.lgamma(theta_nz + x_nz) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
+    theta_x = theta_nz + x_nz
+    return idx, theta_nz, theta_x, torch.lgamma(theta_x) - torch.lgamma(theta_nz) - torch.lgamma(x_nz + 1.0)
 
 
 class _ZINBLogProb(torch.autograd.Function):
@@ -123,31 +125,30 @@ class _ZINBLogProb(torch.autograd.Function):
         zero = x == 0
         h_minus_a = h - a
         out = (a - F.softplus(h)) + torch.where(zero, F.softplus(h_minus_a), 0.0)
-        idx, lgamma_terms = _nonzero_lgamma_terms(theta, x)
+        idx, theta_nz, theta_x, lgamma_terms = _nonzero_lgamma_terms(theta, x)
         out.index_put_(idx, out[idx] + lgamma_terms)  # unique indices: a gather and a scatter, no accumulate pass
-        ctx.save_for_backward(eta, theta, h, x, sp_eta, h_minus_a, zero)
+        ctx.save_for_backward(eta, theta, h, x, sp_eta, h_minus_a, zero, theta_nz, theta_x)
         ctx.nonzero = idx
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        eta, theta, h, x, sp_eta, h_minus_a, zero = ctx.saved_tensors
+        eta, theta, h, x, sp_eta, h_minus_a, zero, theta_nz, theta_x = ctx.saved_tensors
         r = torch.where(zero, torch.sigmoid(h_minus_a), 0.0)
         d_a = (1.0 - r) * grad
         d_h = (r - torch.sigmoid(h)) * grad
         d_eta = d_a * (x - (theta + x) * torch.sigmoid(eta))
-        idx = ctx.nonzero
-        x_nz, theta_nz = x[idx], theta[idx]
+        idx = ctx.nonzero  # the forward's gathers are reused: theta and theta + x at the non-zero counts
         d_theta = -d_a * sp_eta
-        d_theta.index_put_(idx, d_theta[idx] + (torch.digamma(theta_nz + x_nz) - torch.digamma(theta_nz)) * grad[idx])
+        d_theta.index_put_(idx, d_theta[idx] + (torch.digamma(theta_x) - torch.digamma(theta_nz)) * grad[idx])
         return d_eta, d_theta, d_h, None
 
 
 class ZeroInflatedNBCounts(dist.ZeroInflatedDistribution):
     r"""Pyro's ``ZeroInflatedDistribution(NegativeBinomial(theta, logits=eta), gate_logits=h)`` (the same
     distribution as ``dist.ZeroInflatedNegativeBinomial``) whose ``log_prob`` is :class:`_ZINBLogProb`: same values
-    and gradients, fewer passes over the (B, G) counts (a few per cent of a VI step at batch 128 on CPU).  Sampling, ``expand`` and ``to_event``
-    are Pyro's."""
+    and gradients, fewer passes over the (B, G) counts (a few per cent of a VI step at batch 128 on CPU).
+    Sampling, ``expand`` and ``to_event`` are Pyro's."""
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:

@@ -226,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
     adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
     adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))
 
+    batches = adata.obs[args.batch_key].astype(str).to_numpy() if args.batch_key else None
+    n_batches = int(np.unique(batches).size) if batches is not None else 1
     metrics: dict[str, Any] = {
         "settings": settings,
         "data": {
@@ -234,17 +236,13 @@ def run(args: argparse.Namespace) -> int:
             "n_genes": int(adata.n_vars),
             "n_genes_used": int(hvg.n_vars),
             "n_cells_left_out_empty": int(empty.sum()),
-            "n_batches": int(adata.obs[args.batch_key].nunique()) if args.batch_key else 1,
+            "n_batches": n_batches,
             "n_labels": int(adata.obs[args.labels_key].nunique()) if args.labels_key else None,
         },
         "utilized_clusters": int(np.unique(assign).size),
         "cluster_sizes": {str(k): int(v) for k, v in zip(*np.unique(assign, return_counts=True), strict=True)},
         # H(batch | cluster) / H(batch): 1 = clusters as mixed across batches as the data, 0 = split by batch
-        "cluster_batch_mixing": (
-            cluster_batch_mixing(assign, adata.obs[args.batch_key].astype(str).to_numpy())
-            if args.batch_key and adata.obs[args.batch_key].nunique() > 1
-            else None
-        ),
+        "cluster_batch_mixing": cluster_batch_mixing(assign, batches) if n_batches > 1 else None,
         "clustering": None,
         "elbo": {
             "train_final": _last(history, "elbo_train"),
