@@ -171,7 +171,7 @@ class AlternatingSVI:
     def em_loss_and_assignments_at(
         self, z: torch.Tensor, assignments: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """EM loss at ``z`` and (if asked) the hard assignments :math:`\arg\max_k q(c=k \mid z_n)` from the same
+        r"""EM loss at ``z`` and (if asked) the hard assignments :math:`\arg\max_k q(c=k \mid z_n)` from the same
         mixture parameters -- one pseudo-input encoder pass for both, as the training loop needs to count the
         clusters in use."""
         with _frozen(self.vi_parameters()):  # the networks are fixed here: no weight gradients through the encoder

@@ -140,7 +140,7 @@ def gaussian_expected_log_lik(z: Tensor, loc: Tensor, prec_tril: Tensor, loc_cov
 
 
 def _mahalanobis(z: Tensor, loc: Tensor, precision: Tensor) -> Tensor:
-    """:math:`(z_n - m_k)^\top P_k (z_n - m_k)` for all ``n, k``, shape ``z.shape[:-1] + (K,)``, from the expanded
+    r""":math:`(z_n - m_k)^\top P_k (z_n - m_k)` for all ``n, k``, shape ``z.shape[:-1] + (K,)``, from the expanded
     form (clamped at 0 against rounding)."""
     d, k = z.shape[-1], loc.shape[0]
     flat = z.reshape(-1, d)
@@ -197,7 +197,7 @@ class GaussianMixture(dist.TorchDistribution):
         return dist.MultivariateNormal(self.loc, precision_matrix=self.precision)
 
     def component_log_prob(self, z: Tensor) -> Tensor:
-        """:math:`\log \mathcal N(z_n \mid m_k, P_k^{-1})`, shape ``z.shape[:-1] + (K,)``."""
+        r""":math:`\log \mathcal N(z_n \mid m_k, P_k^{-1})`, shape ``z.shape[:-1] + (K,)``."""
         d = self.loc.shape[-1]
         return 0.5 * self.log_det - 0.5 * d * LOG_2PI - 0.5 * _mahalanobis(z, self.loc, self.precision)
 
@@ -451,7 +451,7 @@ class _MixturePrior(LatentPrior):
     def cluster_logits(
         self, z: Tensor, encoder: PseudoEncoder | None = None, params: MixtureParams | None = None
     ) -> Tensor:
-        """:math:`\ell_{nk} + \log\pi_k` (the VMM's expected form); ``params`` skips recomputing them."""
+        r""":math:`\ell_{nk} + \log\pi_k` (the VMM's expected form); ``params`` skips recomputing them."""
         p = self.mixture_params(encoder) if params is None else params
         return gaussian_expected_log_lik(z, p.loc, p.prec_tril, p.loc_cov) + p.log_pi
 

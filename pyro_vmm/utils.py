@@ -30,7 +30,7 @@ def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 def inverse_softplus(y: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
-    """Stable :math:`\mathrm{softplus}^{-1}(y) = y + \log(1 - e^{-y})` for ``y >= floor`` (values below are clamped).
+    r"""Stable :math:`\mathrm{softplus}^{-1}(y) = y + \log(1 - e^{-y})` for ``y >= floor`` (values below are clamped).
 
     Used to initialise softplus-parameterised pseudo-inputs from counts (``log(expm1(y))`` overflows for y > 88).
     """
