@@ -12,7 +12,9 @@ Run from the repository root, e.g.:
     python benchmarks/scrna_tuning.py --datasets kang_ifnb_2800 cellbench_3cl --steps 2000
 Writes ``benchmarks/results/scrna_tuning.json`` (updated after every data set; the ``selected`` entry per data set is
 what ``scrna_benchmark.py --vmm-config`` reads; it is null when no configuration reached the number of cell types)
-and one Figure-5 plot per data set next to it.
+and one Figure-5 plot per data set next to it (``<out stem>_<data set>.png``).  Sweeps run in parts (one process per
+PLR, say) are combined, and selected again over all their runs, with
+    python benchmarks/scrna_tuning.py --merge part1.json part2.json --out combined.json
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ BASE_BATCH_SIZE = 128
 
 
 def sweep_dataset(name: str, args) -> dict:
-    from pyro_vmm.evaluation import TuningGrid, plot_tuning_sweep, select_tuning_config, tuning_sweep, vmm_scvi_trial
+    from pyro_vmm.evaluation import TuningGrid, tuning_sweep, vmm_scvi_trial
 
     hvg = load_hvg(name, args.data_dir, args.n_top_genes)
     n_labels = int(hvg.obs["cell_type"].nunique())
@@ -72,12 +74,19 @@ def sweep_dataset(name: str, args) -> dict:
                       seeds=tuple(args.seeds))
     sweep = tuning_sweep(timed, n_labels=n_labels, grid=grid, progress=False)
     score = "Total" if multi_batch else "Bio conservation"
+    return summarise_sweep(name, sweep, n_labels, epochs, score, Path(args.out))
+
+
+def summarise_sweep(name: str, sweep, n_labels: int, epochs: int, score: str, out: Path) -> dict:
+    """Select by the paper's rule, draw the Figure-5 plot next to ``out``, print the table; the JSON entry."""
+    from pyro_vmm.evaluation import plot_tuning_sweep, select_tuning_config
+
     try:
         selected = select_tuning_config(sweep, score=score)
     except ValueError as err:  # nothing eligible: keep (and write) the runs, select nothing
         selected = None
         print(f"\n{name}: no selection -- {err}", flush=True)
-    figure = Path(args.out).with_name(f"scrna_tuning_{name}.png")
+    figure = out.with_name(f"{out.stem}_{name}.png")
     fig = plot_tuning_sweep(sweep, score=score)
     with atomic_path(figure) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -89,6 +98,45 @@ def sweep_dataset(name: str, args) -> dict:
         print(f"selected: batch size {selected['batch_size']}, PLR {selected['prior_lr_ratio']}\n", flush=True)
     return {"n_labels": n_labels, "epochs": epochs, "score": score, "selected": selected,
             "figure": figure.name, "runs": json.loads(sweep.to_json(orient="records"))}
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """Combine sweeps run in parts (e.g. one process per PLR) and select again over all their runs.
+
+    Per data set the parts must share the training budget (epochs and steps); a repeated (batch size, PLR, seed)
+    takes the later file's run.  Eligibility and the selection are recomputed from the combined runs.
+    """
+    import pandas as pd
+
+    from pyro_vmm.evaluation import mark_eligible
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged: dict[str, dict] = {}
+    for path, part in zip(paths, parts):
+        for name, entry in part["datasets"].items():
+            budget = (entry["epochs"], entry["settings"]["steps"], entry["n_labels"], entry["score"])
+            slot = merged.setdefault(name, {"budget": budget, "runs": {}, "commands": []})
+            if slot["budget"] != budget:
+                raise SystemExit(
+                    f"cannot merge {path}: its {name} sweep has (epochs, steps, cell types, score) = {budget}, the "
+                    f"earlier files {slot['budget']}; merge only sweeps run with the same --steps"
+                )
+            slot["commands"].append(entry.get("command", part.get("command")))
+            for row in entry["runs"]:
+                slot["runs"][(row["batch_size"], row["prior_lr_ratio"], row["seed"])] = row
+    payload = {k: v for k, v in parts[0].items() if k not in ("datasets", "command")}
+    payload.update(command=[p.get("command") for p in parts], merged_from=list(paths), datasets={})
+    for name, slot in merged.items():
+        epochs, steps, n_labels, score = slot["budget"]
+        rows = sorted(slot["runs"].values(), key=lambda r: (r["batch_size"], r["prior_lr_ratio"], r["seed"]))
+        sweep = mark_eligible(pd.DataFrame(rows), n_labels)
+        entry = summarise_sweep(name, sweep, n_labels, epochs, score, out)
+        entry.update(steps=steps, commands=slot["commands"])
+        payload["datasets"][name] = entry
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=str(Path("..") / "shared" / "data" / "scrna"))
     p.add_argument("--out", default=str(RESULTS / "scrna_tuning.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="combine these sweep files (same --steps) into --out and select again; runs nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "scvi"):

@@ -38,6 +38,7 @@ __all__ = [
     "exact_neighbors",
     "leiden_baseline",
     "leiden_clusters",
+    "mark_eligible",
     "pca_embedding",
     "plot_tuning_sweep",
     "scib_table",
@@ -290,7 +291,13 @@ def tuning_sweep(trial: Trial, n_labels: int, grid: TuningGrid | None = None, pr
                 bar.update(len(grid.seeds) * (sum(p > plr for p in grid.prior_lr_ratios)))
                 break
     bar.close()
-    df = pd.DataFrame(rows)
+    return mark_eligible(pd.DataFrame(rows), n_labels)
+
+
+def mark_eligible(sweep: pd.DataFrame, n_labels: int) -> pd.DataFrame:
+    """Set ``eligible`` on every run of a sweep: its configuration's mean utilized clusters over seeds is at least
+    ``n_labels`` (recomputed from all rows, so sweeps run in parts can be combined and judged again)."""
+    df = sweep.copy()
     mean_used = df.groupby(["batch_size", "prior_lr_ratio"])["utilized_clusters"].transform("mean")
     df["eligible"] = mean_used >= n_labels
     df.attrs["n_labels"] = int(n_labels)

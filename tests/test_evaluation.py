@@ -12,6 +12,7 @@ from pyro_vmm.evaluation import (
     ScibConfig,
     TuningGrid,
     leiden_baseline,
+    mark_eligible,
     pca_embedding,
     scib_table,
     select_tuning_config,
@@ -111,6 +112,29 @@ def test_tuning_sweep_applies_the_paper_admission_rule_and_stops_early():
     assert (best["batch_size"], best["prior_lr_ratio"]) == (256, 2.5)
     with pytest.raises(ValueError, match="no configuration"):
         select_tuning_config(tuning_sweep(trial, n_labels=10_000, grid=grid, progress=False))
+
+
+def test_sweeps_run_in_parts_are_judged_again_as_one():
+    """One process per PLR, seeds split across processes: eligibility uses the mean over all seeds of a config."""
+    full_grid = TuningGrid(batch_sizes=(128,), prior_lr_ratios=(2.5, 5.0, 10.0), seeds=(0, 1),
+                           stop_below_n_labels=False)
+    full = tuning_sweep(_fake_trial, n_labels=8, grid=full_grid, progress=False)
+    parts = [
+        tuning_sweep(_fake_trial, n_labels=8, progress=False,
+                     grid=TuningGrid(batch_sizes=(128,), prior_lr_ratios=(plr,), seeds=(seed,),
+                                     stop_below_n_labels=False))
+        for plr in (2.5, 5.0, 10.0) for seed in (0, 1)
+    ]
+    # utilized clusters: PLR 2.5 -> 16 / 17, PLR 5 -> 8 / 9, PLR 10 -> 4 / 5 (seed 0 / seed 1)
+    merged = mark_eligible(pd.concat(parts, ignore_index=True), n_labels=8)
+    key = ["batch_size", "prior_lr_ratio", "seed"]
+    pd.testing.assert_frame_equal(merged.sort_values(key).reset_index(drop=True)[full.columns],
+                                  full.sort_values(key).reset_index(drop=True))
+    assert select_tuning_config(merged) == select_tuning_config(full) == {"batch_size": 128, "prior_lr_ratio": 2.5,
+                                                                         "Total": pytest.approx(0.905)}
+    # with 9 cell types, seed 1 of PLR 5 alone (9 clusters) would be eligible, but the config's mean is 8.5
+    assert mark_eligible(parts[3], n_labels=9)["eligible"].all()
+    assert not mark_eligible(pd.concat(parts[2:4], ignore_index=True), n_labels=9)["eligible"].any()
 
 
 def test_plot_tuning_sweep_writes_png(tmp_path):
