@@ -270,11 +270,15 @@ def checks(summary, rows) -> list[dict[str, Any]]:
     for ds in summary:
         if m(ds, "VMM-scVI", "s_per_epoch") is None or m(ds, "SCVI", "s_per_epoch") is None:
             continue
-        out.append({"check": f"{ds}: VMM-scVI per-epoch time <= SCVI's (median over epochs, mean over seeds)",
+        # times compare only within one process: rows merged from different files ran at different loads
+        sources = {r.get("source") for r in rows if r["dataset"] == ds and r["model"] in ("VMM-scVI", "SCVI")}
+        same_run = len(sources) == 1
+        out.append({"check": f"{ds}: VMM-scVI per-epoch time <= SCVI's (median over epochs, mean over seeds)"
+                             + ("" if same_run else " -- not comparable: the two models ran in different processes"),
                     "vmm_s_per_epoch": m(ds, "VMM-scVI", "s_per_epoch"), "scvi_s_per_epoch": m(ds, "SCVI", "s_per_epoch"),
                     "vmm_cpu_s_per_epoch": m(ds, "VMM-scVI", "cpu_s_per_epoch"),
                     "scvi_cpu_s_per_epoch": m(ds, "SCVI", "cpu_s_per_epoch"),
-                    "holds": m(ds, "VMM-scVI", "s_per_epoch") <= m(ds, "SCVI", "s_per_epoch")})
+                    "holds": (m(ds, "VMM-scVI", "s_per_epoch") <= m(ds, "SCVI", "s_per_epoch")) if same_run else None})
     return out
 
 
@@ -319,17 +323,21 @@ def report(summary, rows, note: str) -> None:
     print("\nAcceptance checks:")
     for c in checks(summary, rows):
         nums = ", ".join(f"{k}={v:.3f}" for k, v in c.items() if isinstance(v, float))
-        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['check']}: {nums}")
+        verdict = "n/a" if c["holds"] is None else "holds" if c["holds"] else "FAILS"
+        print(f"  [{verdict}] {c['check']}: {nums}")
     print(f"\n{note}")
 
 
 def merge(paths: list[str], out: Path) -> int:
-    """Combine the ``runs`` of several result files (later files win for a repeated data set x seed x model)."""
+    """Combine the ``runs`` of several result files (later files win for a repeated data set x seed x model).
+
+    Each run keeps the file it came from (``source``); the per-epoch time check is left undecided (``holds: null``)
+    when VMM-scVI and SCVI come from different files, as their times were taken at different loads."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     runs: dict[tuple, dict] = {}
-    for part in parts:
+    for path, part in zip(paths, parts):
         for row in part["runs"]:
-            runs[(row["dataset"], row["seed"], row["model"])] = row
+            runs[(row["dataset"], row["seed"], row["model"])] = {**row, "source": row.get("source", str(path))}
     order = {ds: i for i, ds in enumerate(DATASETS)}
     rows = sorted(runs.values(), key=lambda r: (order.get(r["dataset"], 99), r["seed"], MODELS.index(r["model"])))
     summary = summarise(rows)

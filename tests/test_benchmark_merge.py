@@ -1,0 +1,54 @@
+"""The scRNA benchmark's merge of result files: runs combined, and per-epoch times judged only within one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+scrna_benchmark = pytest.importorskip("scrna_benchmark")
+
+
+def _row(model: str, seed: int, s_per_epoch: float, total: float) -> dict:
+    return {"dataset": "kang_ifnb_2800", "model": model, "seed": seed, "n_labels": 13, "s_per_epoch": s_per_epoch,
+            "cpu_s_per_epoch": s_per_epoch, "Total": total, "Bio conservation": total - 0.1}
+
+
+def _part(path: Path, rows: list[dict]) -> str:
+    path.write_text(json.dumps({"benchmark": "scrna_benchmark", "command": f"python make {path.name}",
+                                "note": "test", "wall_s": 1.0, "runs": rows}))
+    return str(path)
+
+
+def _epoch_check(payload: dict) -> dict:
+    return next(c for c in payload["checks"] if "per-epoch" in c["check"])
+
+
+def test_merged_files_are_not_a_timing_comparison(tmp_path, capsys):
+    vmm = _part(tmp_path / "vmm.json", [_row("VMM-scVI", s, 0.5, 0.75) for s in (0, 1)])
+    scvi = _part(tmp_path / "scvi.json", [_row("SCVI", s, 1.0, 0.74) for s in (0, 1)])
+    out = tmp_path / "merged.json"
+    assert scrna_benchmark.merge([vmm, scvi], out) == 0
+    payload = json.loads(out.read_text())
+    assert len(payload["runs"]) == 4 and payload["merged_from"] == [vmm, scvi]
+    assert {r["source"] for r in payload["runs"]} == {vmm, scvi}
+    epoch = _epoch_check(payload)
+    assert epoch["holds"] is None and "different processes" in epoch["check"]
+    total = next(c for c in payload["checks"] if "scIB Total" in c["check"])
+    assert total["holds"] is True  # quality numbers do not depend on the process: still judged
+    assert "[n/a]" in capsys.readouterr().out
+
+
+def test_one_file_is_a_timing_comparison(tmp_path):
+    both = _part(tmp_path / "both.json", [_row("VMM-scVI", 0, 1.2, 0.75), _row("SCVI", 0, 1.0, 0.74)])
+    out = tmp_path / "merged.json"
+    scrna_benchmark.merge([both], out)
+    epoch = _epoch_check(json.loads(out.read_text()))
+    assert epoch["holds"] is False and "different processes" not in epoch["check"]
+    # a merge of merges keeps each run's first source
+    again = tmp_path / "again.json"
+    scrna_benchmark.merge([str(out)], again)
+    assert {r["source"] for r in json.loads(again.read_text())["runs"]} == {both}
