@@ -1,4 +1,5 @@
-"""Figures: MDE embeddings coloured by batch, cell type and prior cluster (paper Figure 3), and the tuning sweep.
+"""Figures: MDE embeddings coloured by batch, cell type and prior cluster (paper Figure 3), what each cluster holds
+(cell types and batches), and the tuning sweep.
 
 Model-independent: every function takes arrays, an AnnData or a DataFrame.  Figures are drawn with matplotlib's
 object API on an Agg canvas (no pyplot, no global backend switch) and, when ``path`` is given, saved atomically.
@@ -17,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["COLUMN_TITLES", "mde_embedding", "mde_figure", "mde_grid", "plot_tuning_sweep"]
+__all__ = ["COLUMN_TITLES", "cluster_composition", "mde_embedding", "mde_figure", "mde_grid", "plot_tuning_sweep"]
 
 #: column titles of the paper's Figure 3, by the obs key coloured in that column
 COLUMN_TITLES = {"batch": "Batch correction", "cell_type": "Bio conservation", "vmm_cluster": "Prior cluster membership"}
@@ -180,6 +181,88 @@ def mde_figure(
 ):
     """One row of :func:`mde_grid`: the MDE of ``adata.obsm[embedding_key]`` coloured by each of ``color_keys``."""
     return mde_grid(adata, {embedding_key: (embedding_key, tuple(color_keys))}, path=path, seed=seed, titles=titles)
+
+
+def cluster_composition(
+    clusters,
+    labels=None,
+    batches=None,
+    path: str | os.PathLike | None = None,
+    annotate_max: int = 40,
+):
+    r"""What each cluster holds: a heatmap of :math:`P(\text{label} \mid \text{cluster})` and the batch mix per cluster.
+
+    Clusters are renumbered 1..n by size, largest first -- the numbering of the cluster panel of :func:`mde_grid`,
+    so the two figures can be read side by side; tick labels give each cluster's number of cells.  Top panel (with
+    ``labels``): one row per label, one column per cluster, colour = share of the cluster's cells with that label
+    (columns sum to 1), annotated with the counts when there are at most ``annotate_max`` clusters.  Bottom panel
+    (with ``batches``): the share of each batch in each cluster as stacked bars, with the batch mix of all cells as
+    the dashed lines -- a cluster drawn from one batch stands out.  Returns the matplotlib ``Figure``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cl = pd.Series(np.asarray(clusters)).astype(str)
+    if cl.empty:
+        raise ValueError("clusters is empty: nothing to draw")
+    if labels is None and batches is None:
+        raise ValueError("give labels and/or batches: the figure shows what the clusters hold")
+    parts = {name: pd.Series(np.asarray(v)).astype(str) for name, v in (("labels", labels), ("batches", batches))
+             if v is not None}
+    for name, v in parts.items():
+        if len(v) != len(cl):
+            raise ValueError(f"{name} has {len(v)} entries but clusters has {len(cl)}; pass one per cell")
+    order = cl.value_counts().index.tolist()  # largest first, as the MDE panel numbers them
+    sizes = cl.value_counts().loc[order].to_numpy()
+    ticks = [f"{i + 1}\n({n})" for i, n in enumerate(sizes)]
+    x = np.arange(len(order))
+    heights = [max(2.0, 0.28 * parts["labels"].nunique()) if "labels" in parts else 0.0,
+               1.6 if "batches" in parts else 0.0]
+    heights = [h for h in heights if h > 0]
+    fig = Figure(figsize=(max(5.0, 0.42 * len(order) + 2.5), sum(heights) + 1.2))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(len(heights), 1, sharex=True, gridspec_kw={"height_ratios": heights}))
+    ax_iter = iter(axes)
+    if "labels" in parts:
+        ax = next(ax_iter)
+        counts = pd.crosstab(parts["labels"], cl).reindex(columns=order, fill_value=0)
+        counts = counts.loc[sorted(counts.index, key=_natural_key)]
+        share = counts / counts.sum(axis=0)
+        im = ax.imshow(share.to_numpy(), aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_yticks(np.arange(len(share.index)))
+        ax.set_yticklabels(share.index, fontsize=7)
+        if len(order) <= annotate_max:
+            for (r, c), n in np.ndenumerate(counts.to_numpy()):
+                if n:
+                    ax.text(c, r, str(n), ha="center", va="center", fontsize=5,
+                            color="white" if share.iat[r, c] > 0.6 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label="share of the cluster")
+        ax.set_title("Cell types in each cluster", fontsize=10)
+    if "batches" in parts:
+        ax = next(ax_iter)
+        mix = pd.crosstab(parts["batches"], cl, normalize="columns").reindex(columns=order, fill_value=0.0)
+        mix = mix.loc[sorted(mix.index, key=_natural_key)]
+        overall = parts["batches"].value_counts(normalize=True).reindex(mix.index).to_numpy()
+        colors = _palette(len(mix.index))
+        bottom = np.zeros(len(order))
+        for i, batch in enumerate(mix.index):
+            ax.bar(x, mix.loc[batch].to_numpy(), bottom=bottom, color=colors[i], width=0.85, label=str(batch))
+            bottom += mix.loc[batch].to_numpy()
+        for level in np.cumsum(overall)[:-1]:
+            ax.axhline(level, color="k", ls="--", lw=0.7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("batch share", fontsize=8)
+        ax.legend(fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        if "labels" not in parts:
+            ax.set_title("Batches in each cluster", fontsize=10)
+    last = axes[-1]
+    last.set_xticks(x)
+    last.set_xticklabels(ticks, fontsize=6)
+    last.set_xlabel("cluster (cells), largest first", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig
 
 
 def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.PathLike | None = None):

@@ -49,7 +49,7 @@ def _args(data, out, *extra):
 def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     out = tmp_path / "run"
     assert main(_args(small_h5ad, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "mde.png", "metrics.json", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "clusters.png", "mde.png", "metrics.json", "model"]
 
     adata = anndata.read_h5ad(out / "adata.h5ad")
     assert adata.shape == (300, 300) and adata.var["highly_variable"].sum() == 200
@@ -79,6 +79,7 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert metrics["runtime_s"]["total"] >= metrics["runtime_s"]["train"] > 0
     assert metrics["scib"] is None
     assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "clusters.png").read_bytes()[:8] == PNG_MAGIC
 
     # the saved model reloads on the genes it was trained on and gives the same latent
     from pyro_vmm import VMMSCVI

@@ -137,6 +137,32 @@ def test_sweeps_run_in_parts_are_judged_again_as_one():
     assert not mark_eligible(pd.concat(parts[2:4], ignore_index=True), n_labels=9)["eligible"].any()
 
 
+def test_cluster_composition_shows_label_shares_and_batch_mix_by_cluster_size(tmp_path):
+    from pyro_vmm.plotting import cluster_composition
+
+    # cluster "b" (5 cells) is the largest -> number 1; "a" (3 cells) -> 2; "c" (1 cell) -> 3
+    clusters = ["a", "a", "a", "b", "b", "b", "b", "b", "c"]
+    labels = ["T", "T", "B", "B", "B", "B", "B", "NK", "NK"]
+    batches = ["s1", "s2", "s1", "s1", "s1", "s1", "s1", "s1", "s2"]
+    fig = cluster_composition(clusters, labels, batches, path=tmp_path / "clusters.png")
+    assert (tmp_path / "clusters.png").read_bytes()[:8] == PNG_MAGIC
+    heat = fig.axes[0]
+    bars = next(ax for ax in fig.axes if ax.patches)  # (the colour bar is an axes too)
+    share = np.asarray(heat.images[0].get_array())
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["B", "NK", "T"]
+    np.testing.assert_allclose(share.sum(0), 1.0)
+    np.testing.assert_allclose(share[:, 0], [4 / 5, 1 / 5, 0.0])  # cluster 1 = "b"
+    np.testing.assert_allclose(share[:, 1], [1 / 3, 0.0, 2 / 3])  # cluster 2 = "a"
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["1\n(5)", "2\n(3)", "3\n(1)"]
+    s1 = [r.get_height() for r in bars.patches[:3]]  # first batch's bars, clusters in size order
+    np.testing.assert_allclose(s1, [1.0, 2 / 3, 0.0])
+    assert len(cluster_composition(clusters, batches=batches).axes) == 1  # batches only: one panel
+    with pytest.raises(ValueError, match="labels and/or batches"):
+        cluster_composition(clusters)
+    with pytest.raises(ValueError, match="one per cell"):
+        cluster_composition(clusters, labels[:-1])
+
+
 def test_plot_tuning_sweep_writes_png(tmp_path):
     from pyro_vmm.plotting import plot_tuning_sweep
 

@@ -12,6 +12,8 @@ Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes
   final training/validation ELBOs, runtime, and scIB metrics of the latent and of an unintegrated PCA (unless
   ``--no-scib``);
 - ``mde.png``: MDE of the latent coloured by batch, cell type and VMM cluster (paper Figure 3 layout);
+- ``clusters.png`` (with ``--labels-key`` and/or ``--batch-key``): the cell types and the batch mix of each VMM
+  cluster, clusters numbered as in ``mde.png``;
 - ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``).
 
 All outputs are first written into a staging folder inside ``DIR`` and moved into place together only when every
@@ -38,7 +40,7 @@ DEFAULT_MAX_EPOCHS = 100
 #: default EM / VI learning-rate ratio: the Figure-5 sweep's choice on kang_ifnb_2800 (benchmarks/scrna_tuning.py)
 DEFAULT_PRIOR_LR_RATIO = 2.5
 #: files and folders the command writes into --out
-OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "model")
+OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "model")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train scVI with a VampPrior Mixture prior on raw counts, then write the AnnData with the latent "
             "(obsm['X_vmm']), the clusters (obs['vmm_cluster'], obsm['vmm_cluster_probs']), metrics.json, the MDE "
-            "figure mde.png and the saved model/ into --out."
+            "figure mde.png, the cluster composition figure clusters.png and the saved model/ into --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -290,6 +292,15 @@ def run(args: argparse.Namespace) -> int:
             keys = [k for k in (args.batch_key, args.labels_key) if k] + ["vmm_cluster"]
             titles = {k: v for k, v in ((args.batch_key, "Batch correction"), (args.labels_key, "Bio conservation")) if k}
             mde_figure(adata, "X_vmm", color_keys=keys, path=staging / "mde.png", seed=args.seed, titles=titles)
+        if args.labels_key or n_batches > 1:
+            from pyro_vmm.plotting import cluster_composition
+
+            cluster_composition(
+                adata.obs["vmm_cluster"],
+                labels=adata.obs[args.labels_key] if args.labels_key else None,
+                batches=batches if n_batches > 1 else None,
+                path=staging / "clusters.png",
+            )
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
             adata.write_h5ad(tmp)
