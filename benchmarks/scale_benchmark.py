@@ -1,6 +1,6 @@
 """Speed and scale of VMM-scVI against scvi-tools SCVI on synthetic counts (issue 5).
 
-Three parts, each optional:
+Four parts, each optional:
 
 ``--epochs-table``  per-epoch wall and CPU time and peak RSS growth of VMM-scVI (K = 100) and scvi-tools SCVI on the
     same synthetic counts (``--cells``, default 10k and 100k, x 2000 genes, 2 batches), batch sizes 128 and 1024,
@@ -9,6 +9,8 @@ Three parts, each optional:
 ``--k-table``       the EM step's share of a training step (VI step, z draw + EM step, timed separately on the same
     minibatch) for K in {10, 100, 500} at batch sizes 128 and 1024, and a straight-line fit of step time against K
     (R^2) per batch size.
+``--em-breakdown``  where the EM step's time goes: z draw, pseudo-input pass, Pyro's ``TraceEnum_ELBO`` loss and the
+    same mixture term in plain torch, the whole EM step and the VI step, per batch size and K.
 ``--million``       one epoch of VMM-scVI on 1,000,000 sparse synthetic cells x 2000 genes (CSR end to end) with the
     peak resident memory of the training process (the data are generated and written to ``--million-data`` by a
     separate process first; ``--backed`` opens the file on disk).
@@ -146,54 +148,64 @@ def epochs_table(args) -> list[dict]:
     return rows
 
 
-def k_table(args) -> dict:
-    """Time the VI step and the z-draw + EM step on the same minibatches for each K."""
+def _step_setup(adata, bs: int, k: int, seed: int):
+    """VMM-scVI with K components and the two step functions training runs, on the first ``bs`` cells."""
     from pyro_vmm import VMMSCVI
     from pyro_vmm.infer import sample_latent
     from pyro_vmm.training_plan import VMMTrainingPlan
+
+    x = torch.as_tensor(adata.X[:bs].toarray())
+    b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:bs, None].astype(np.int64))
+    model = VMMSCVI(adata, prior="vmm", n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=seed)
+    plan = VMMTrainingPlan(model.module)
+    vi_opt, em_opt = plan.configure_optimizers()  # the optimisers training uses (fused Adam where supported)
+    args_, kwargs = model.module._get_fn_args_from_batch({"X": x, "batch": b})
+    module, svi = model.module, plan.svi
+
+    def vi():
+        module.zero_grad(set_to_none=True)
+        svi.vi_loss(*args_, **kwargs).backward()
+        vi_opt.step()
+
+    def draw():
+        return sample_latent(module, *args_, latent_site=svi.latent_site, **kwargs)
+
+    def em():
+        module.zero_grad(set_to_none=True)
+        svi.em_loss_at(draw()).backward()
+        em_opt.step()
+
+    return module, svi, vi, draw, em
+
+
+def _clock(fn, n: int, rounds: int = 5) -> float:
+    """Median over ``rounds`` rounds of ``n / rounds`` calls (ms per call), after 5 warm-ups: robust to a busy
+    neighbour."""
+    for _ in range(5):
+        fn()
+    per_round = max(1, n // rounds)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        times.append((time.perf_counter() - t0) / per_round * 1e3)
+    return statistics.median(times)
+
+
+def k_table(args) -> dict:
+    """Time the VI step and the z-draw + EM step on the same minibatches for each K."""
+    import pyro
+
+    from pyro_vmm import VMMSCVI
 
     adata = synthetic_counts(args.k_cells, seed=args.seed)
     VMMSCVI.setup_anndata(adata, batch_key="batch")
     rows = []
     for bs, k in [(bs, k) for bs in args.k_batch_sizes for k in args.ks]:
-        x = torch.as_tensor(adata.X[:bs].toarray())
-        b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:bs, None].astype(np.int64))
-        model = VMMSCVI(adata, prior="vmm", n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=args.seed)
-        plan = VMMTrainingPlan(model.module)
-        vi_opt, em_opt = plan.configure_optimizers()  # the optimisers training uses (fused Adam where supported)
-        args_, kwargs = model.module._get_fn_args_from_batch({"X": x, "batch": b})
-        svi = plan.svi
-
-        def vi():
-            model.module.zero_grad(set_to_none=True)
-            loss = svi.vi_loss(*args_, **kwargs)
-            loss.backward()
-            vi_opt.step()
-
-        def em():
-            model.module.zero_grad(set_to_none=True)
-            z = sample_latent(model.module, *args_, latent_site=svi.latent_site, **kwargs)
-            loss = svi.em_loss_at(z)
-            loss.backward()
-            em_opt.step()
-
-        def clock(fn, n=args.k_reps, rounds=5):
-            """Median over ``rounds`` rounds of ``n / rounds`` calls (ms per call): robust to a busy neighbour."""
-            for _ in range(5):
-                fn()
-            per_round = max(1, n // rounds)
-            times = []
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                for _ in range(per_round):
-                    fn()
-                times.append((time.perf_counter() - t0) / per_round * 1e3)
-            return statistics.median(times)
-
-        import pyro
-
+        _, _, vi, _, em = _step_setup(adata, bs, k, args.seed)
         with pyro.validation_enabled(False):
-            vi_ms, em_ms = clock(vi), clock(em)
+            vi_ms, em_ms = _clock(vi, args.k_reps), _clock(em, args.k_reps)
         rows.append(dict(batch_size=bs, K=k, vi_ms=vi_ms, em_ms=em_ms, step_ms=vi_ms + em_ms,
                          em_share=em_ms / (vi_ms + em_ms)))
     fits = {}
@@ -209,6 +221,61 @@ def k_table(args) -> dict:
         fits[str(bs)] = dict(slope_ms_per_k=float(slope), intercept_ms=float(intercept), r2=r2)
         print(f"  batch {bs}: step time = {intercept:.2f} ms + {slope * 1e3:.2f} us x K  (R^2 = {r2:.3f})")
     return dict(rows=rows, fits=fits, cells=args.k_cells)
+
+
+def _breakdown_one(adata, bs: int, k: int, args) -> dict:
+    """The parts of :func:`em_breakdown` for one batch size and K."""
+    import pyro
+
+    from pyro_vmm.infer import _empty_guide, _frozen
+    from pyro_vmm.priors import gaussian_expected_log_lik
+
+    module, svi, vi, draw, em = _step_setup(adata, bs, k, args.seed)
+    prior, encoder, z = module.prior, svi.pseudo_encoder, draw()
+
+    def pseudo():
+        with _frozen(svi.vi_parameters()):
+            return prior.mixture_params(encoder)
+
+    params = pseudo()
+
+    def pyro_loss():
+        return svi.em_elbo.differentiable_loss(prior.em_model, _empty_guide, z, encoder, svi.attach_responsibilities,
+                                               params)
+
+    def torch_loss():
+        ell = gaussian_expected_log_lik(z, params.loc, params.prec_tril, params.loc_cov)
+        return -torch.logsumexp(ell + params.log_pi, -1).mean()
+
+    with pyro.validation_enabled(False):
+        parts = {"z draw": _clock(draw, args.k_reps), "pseudo pass": _clock(pseudo, args.k_reps),
+                 "TraceEnum loss": _clock(pyro_loss, args.k_reps), "torch mix term": _clock(torch_loss, args.k_reps),
+                 "EM step": _clock(em, args.k_reps), "VI step": _clock(vi, args.k_reps)}
+    return dict(batch_size=bs, K=k, ms=parts, em_share=parts["EM step"] / (parts["EM step"] + parts["VI step"]))
+
+
+def em_breakdown(args) -> dict:
+    r"""Where the EM step's time goes, per part, on one minibatch of each batch size, for each K.
+
+    Parts (ms per call), each timed alone as training runs it: ``z draw`` (guide in eval mode, no gradient);
+    ``pseudo pass``, :math:`u_k \to q_\phi(\mu_k \mid u_k)` with the graph to :math:`u` kept (networks frozen);
+    ``TraceEnum loss``, Pyro's ``TraceEnum_ELBO`` loss of the EM program given those mixture parameters (forward
+    only); for scale, ``torch mix term``, the same mixture term in plain torch,
+    :math:`-\frac1B\sum_n \log\sum_k \pi_k e^{\ell_{nk}}` (no hyperprior sites: Pyro's tracing and enumeration
+    cost the difference); ``EM step``, the whole step (draw, pseudo pass, loss, backward, Adam); ``VI step``.
+    """
+    from pyro_vmm import VMMSCVI
+
+    adata = synthetic_counts(args.k_cells, seed=args.seed)
+    VMMSCVI.setup_anndata(adata, batch_key="batch")
+    rows = [_breakdown_one(adata, bs, k, args) for bs in args.k_batch_sizes for k in args.ks]
+    names = list(rows[0]["ms"])
+    print(f"\n{'batch':>6} {'K':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'EM share':>9}")
+    for r in rows:
+        print(f"{r['batch_size']:>6} {r['K']:>5} " + " ".join(f"{r['ms'][n]:>14.2f}" for n in names)
+              + f" {r['em_share']:>9.1%}")
+    print("  (ms per call, median of 5 rounds after 5 warm-ups)")
+    return dict(rows=rows, cells=args.k_cells)
 
 
 def make_million_data(path: Path, n_cells: int, seed: int) -> None:
@@ -251,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs-table", action="store_true")
     p.add_argument("--k-table", action="store_true")
     p.add_argument("--million", action="store_true")
+    p.add_argument("--em-breakdown", action="store_true",
+                   help="time the parts of the EM step (z draw, pseudo-input pass, TraceEnum loss, ...)")
     p.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
@@ -271,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_million_data:
         make_million_data(Path(args.make_million_data), args.million_cells, args.seed)
         return 0
-    if not (args.epochs_table or args.k_table or args.million):
-        p.error("choose at least one of --epochs-table, --k-table, --million")
+    if not (args.epochs_table or args.k_table or args.million or args.em_breakdown):
+        p.error("choose at least one of --epochs-table, --k-table, --million, --em-breakdown")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     out_path = Path(args.out)
@@ -285,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["epochs_table"] = dict(meta, rows=epochs_table(args), load_average=os.getloadavg()[0])
     if args.k_table:
         payload["k_table"] = dict(meta, **k_table(args), load_average=os.getloadavg()[0])
+    if args.em_breakdown:
+        payload["em_breakdown"] = dict(meta, **em_breakdown(args), load_average=os.getloadavg()[0])
     if args.million:
         payload["million"] = dict(meta, **million(args), load_average=os.getloadavg()[0])
     from pyro_vmm.utils import atomic_path
