@@ -219,7 +219,7 @@ def cluster_composition(
     heights = [max(2.0, 0.28 * parts["labels"].nunique()) if "labels" in parts else 0.0,
                1.6 if "batches" in parts else 0.0]
     heights = [h for h in heights if h > 0]
-    fig = Figure(figsize=(max(5.0, 0.42 * len(order) + 2.5), sum(heights) + 1.2))
+    fig = Figure(figsize=(min(max(5.0, 0.42 * len(order) + 2.5), 24.0), sum(heights) + 1.2))  # K = 100: 24 in
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(len(heights), 1, sharex=True, gridspec_kw={"height_ratios": heights}))
     ax_iter = iter(axes)
