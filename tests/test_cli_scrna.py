@@ -90,6 +90,10 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
 
     # an existing output folder is not overwritten silently
     assert main(_args(small_h5ad, out)) == 2
+    # with --overwrite, outputs this run does not write are not left behind from the earlier one
+    assert main(_args(small_h5ad, out, "--overwrite", "--no-mde")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "clusters.png", "metrics.json", "model"]
+    assert json.loads((out / "metrics.json").read_text())["settings"]["no_mde"] is True
 
 
 def test_scrna_failure_leaves_no_partial_output(small_h5ad, tmp_path, monkeypatch):

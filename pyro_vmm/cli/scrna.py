@@ -147,7 +147,9 @@ def _last(history: dict, key: str) -> float | None:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move every finished output from ``staging`` into ``out`` (replacing old ones)."""
+    """Move every finished output from ``staging`` into ``out`` (replacing old ones); an output of an earlier run
+    that this run does not write (``mde.png`` under ``--no-mde``, say) is removed, so ``out`` holds one run."""
+    stale = [out / name for name in OUTPUTS if not (staging / name).exists() and (out / name).exists()]
     for name in OUTPUTS:
         src = staging / name
         if not src.exists():
@@ -160,6 +162,11 @@ def _publish(staging: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(src, dst)
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
