@@ -89,7 +89,7 @@ def _palette(n: int) -> list:
 def _scatter(ax, xy: np.ndarray, values: pd.Series, title: str, renumber: bool) -> None:
     """One panel: points coloured by category; clusters renumbered 1..n by size; circles <= 20 groups, then ^."""
     cats = values.astype(str)
-    order = cats.value_counts().index.tolist() if renumber else sorted(cats.unique(), key=_natural_key)
+    order = _by_size(cats).index.tolist() if renumber else sorted(cats.unique(), key=_natural_key)
     colors = _palette(len(order))
     for i, cat in enumerate(order):
         mask = (cats == cat).to_numpy()
@@ -103,6 +103,11 @@ def _scatter(ax, xy: np.ndarray, values: pd.Series, title: str, renumber: bool) 
     if len(order) <= 30:
         ax.legend(markerscale=4, fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5),
                   ncol=1 + len(order) // 16)
+
+
+def _by_size(cats: pd.Series) -> pd.Series:
+    """Cluster sizes, largest first: the order in which every figure numbers clusters 1..n."""
+    return cats.value_counts()
 
 
 def _natural_key(s: str):
@@ -212,13 +217,12 @@ def cluster_composition(
     for name, v in parts.items():
         if len(v) != len(cl):
             raise ValueError(f"{name} has {len(v)} entries but clusters has {len(cl)}; pass one per cell")
-    order = cl.value_counts().index.tolist()  # largest first, as the MDE panel numbers them
-    sizes = cl.value_counts().loc[order].to_numpy()
-    ticks = [f"{i + 1}\n({n})" for i, n in enumerate(sizes)]
+    sizes = _by_size(cl)  # numbered as the MDE panel numbers them
+    order = sizes.index.tolist()
+    ticks = [f"{i + 1}\n({n})" for i, n in enumerate(sizes.to_numpy())]
     x = np.arange(len(order))
-    heights = [max(2.0, 0.28 * parts["labels"].nunique()) if "labels" in parts else 0.0,
-               1.6 if "batches" in parts else 0.0]
-    heights = [h for h in heights if h > 0]
+    heights = ([max(2.0, 0.28 * parts["labels"].nunique())] if "labels" in parts else []) + (
+        [1.6] if "batches" in parts else [])
     fig = Figure(figsize=(min(max(5.0, 0.42 * len(order) + 2.5), 24.0), sum(heights) + 1.2))  # K = 100: 24 in
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(len(heights), 1, sharex=True, gridspec_kw={"height_ratios": heights}))
