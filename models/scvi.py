@@ -362,6 +362,28 @@ class VMMSCVIModule(PyroBaseModuleClass):
             return self.prior.cluster_probs(z, self.pseudo_posterior)
 
     @torch.no_grad()
+    def normalized_expression(
+        self, x: Tensor, batch_index: Tensor, n_samples: int = 1, batch_codes: tuple[int | None, ...] = (None,)
+    ) -> Tensor:
+        r"""Decoded expression frequencies :math:`\rho = \operatorname{softmax} f_\theta(z, s')`, :math:`z \sim
+        q(z \mid x, s)`, averaged over the batches :math:`s'` in ``batch_codes`` (``None``: the cell's own batch).
+
+        One set of ``n_samples`` draws of z serves every batch in ``batch_codes``, so the average over batches
+        carries no extra Monte Carlo noise.  Networks in eval mode; returns ``(n_samples, B, G)``, rows sum to 1."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        b = x.shape[0]
+        with eval_mode(self):
+            z = self.encode(x, batch_index).sample((n_samples,)).reshape(n_samples * b, -1)
+            log_library = torch.log(x.sum(-1, keepdim=True)).repeat(n_samples, 1)  # enters px_rate only, not rho
+            own = batch_index.reshape(-1, 1).repeat(n_samples, 1)
+            rho = 0.0
+            for code in batch_codes:
+                batch = own if code is None else torch.full_like(own, int(code))
+                rho = rho + self.decoder("gene", z, log_library, batch)[0]
+        return (rho / len(batch_codes)).reshape(n_samples, b, -1)
+
+    @torch.no_grad()
     def posterior_predictive(self, x: Tensor, batch_index: Tensor, n_samples: int = 1) -> Tensor:
         r"""Replicated counts :math:`\tilde x^{(s)} \sim p(x \mid z^{(s)}, \ell, s)`, :math:`z^{(s)} \sim q(z \mid x)`.
 

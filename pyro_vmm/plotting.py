@@ -1,5 +1,5 @@
 """Figures: MDE embeddings coloured by batch, cell type and prior cluster (paper Figure 3), what each cluster holds
-(cell types and batches), and the tuning sweep.
+(cell types and batches), the marker genes of each cluster, and the tuning sweep.
 
 Model-independent: every function takes arrays, an AnnData or a DataFrame.  Figures are drawn with matplotlib's
 object API on an Agg canvas (no pyplot, no global backend switch) and, when ``path`` is given, saved atomically.
@@ -18,7 +18,15 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["COLUMN_TITLES", "cluster_composition", "mde_embedding", "mde_figure", "mde_grid", "plot_tuning_sweep"]
+__all__ = [
+    "COLUMN_TITLES",
+    "cluster_composition",
+    "marker_dotplot",
+    "mde_embedding",
+    "mde_figure",
+    "mde_grid",
+    "plot_tuning_sweep",
+]
 
 #: column titles of the paper's Figure 3, by the obs key coloured in that column
 COLUMN_TITLES = {"batch": "Batch correction", "cell_type": "Bio conservation", "vmm_cluster": "Prior cluster membership"}
@@ -263,6 +271,95 @@ def cluster_composition(
     last.set_xticks(x)
     last.set_xticklabels(ticks, fontsize=6)
     last.set_xlabel("cluster (cells), largest first", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def marker_dotplot(
+    adata,
+    markers: pd.DataFrame,
+    cluster_key: str = "vmm_cluster",
+    layer: str | None = None,
+    n_per_cluster: int = 3,
+    path: str | os.PathLike | None = None,
+):
+    r"""Dot plot of the marker genes of every cluster: rows = clusters, columns = each cluster's top markers.
+
+    ``markers`` is the table of :meth:`pyro_vmm.VMMSCVI.cluster_markers` (columns ``cluster``, ``rank``,
+    ``gene``); up to ``n_per_cluster`` genes per cluster are drawn, in the clusters' order, each gene once.  Clusters
+    are numbered 1..n by size, largest first, as in the MDE and composition figures.  Dot area = share of the
+    cluster's cells in which the gene is detected (count > 0); colour = the cluster's mean of
+    :math:`\log(1 + 10^4 x_{ng} / \sum_g x_{ng})` from the raw counts (``adata.X`` or ``layer``), scaled per gene to
+    [0, 1] across clusters.  Returns the matplotlib ``Figure``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from scipy import sparse as sp
+
+    if cluster_key not in adata.obs:
+        raise KeyError(f"cluster_key {cluster_key!r} not in adata.obs; available: {list(adata.obs.columns)}")
+    missing_cols = {"cluster", "rank", "gene"} - set(markers.columns)
+    if missing_cols:
+        raise ValueError(f"markers lacks the columns {sorted(missing_cols)}; pass the table of model.cluster_markers()")
+    if n_per_cluster < 1:
+        raise ValueError(f"n_per_cluster must be >= 1, got {n_per_cluster}")
+    clusters = adata.obs[cluster_key].astype(str).reset_index(drop=True)
+    order = _by_size(clusters).index.tolist()
+    genes: list[str] = []
+    owner: list[int] = []  # the row (cluster position) each gene was chosen for
+    ranked = markers.assign(cluster=markers["cluster"].astype(str)).sort_values(["cluster", "rank"])
+    for row, cl in enumerate(order):
+        picks = [g for g in ranked.loc[ranked["cluster"] == cl, "gene"].astype(str) if g not in genes]
+        genes += picks[:n_per_cluster]
+        owner += [row] * len(picks[:n_per_cluster])
+    if not genes:
+        raise ValueError("markers has no genes for the clusters of adata.obs[cluster_key]; nothing to draw")
+    unknown = [g for g in genes if g not in adata.var_names]
+    if unknown:
+        raise ValueError(f"marker genes not in adata.var_names (first: {unknown[:3]}); pass the AnnData the model used")
+
+    counts = adata.layers[layer] if layer is not None else adata.X
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    cols = adata.var_names.get_indexer(genes)
+    sub = counts[:, cols]
+    sub = np.asarray(sub.todense()) if sp.issparse(sub) else np.asarray(sub)
+    logn = np.log1p(1e4 * sub / np.maximum(totals, 1.0)[:, None])
+    codes = clusters.to_numpy()
+    frac = np.stack([(sub[codes == cl] > 0).mean(axis=0) for cl in order])
+    mean = np.stack([logn[codes == cl].mean(axis=0) for cl in order])
+    span = mean.max(axis=0) - mean.min(axis=0)
+    scaled = (mean - mean.min(axis=0)) / np.where(span > 0, span, 1.0)
+
+    n_rows, n_genes = len(order), len(genes)
+    fig = Figure(figsize=(min(max(5.0, 0.24 * n_genes + 3.0), 24.0), max(2.8, 0.26 * n_rows + 1.8)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    yy, xx = np.meshgrid(np.arange(n_rows), np.arange(n_genes), indexing="ij")
+    area = 110.0
+    points = ax.scatter(xx.ravel(), yy.ravel(), s=area * frac.ravel(), c=scaled.ravel(), cmap="Reds", vmin=0, vmax=1,
+                        edgecolors="0.4", linewidths=0.3)
+    for i, row in enumerate(owner):  # outline each gene's own cluster
+        ax.scatter([i], [row], s=area * 1.25, facecolors="none", edgecolors="k", linewidths=0.8)
+    ax.set_xticks(np.arange(n_genes))
+    ax.set_xticklabels(genes, rotation=90, fontsize=6)
+    sizes = _by_size(clusters).to_numpy()
+    ax.set_yticks(np.arange(n_rows))
+    ax.set_yticklabels([f"{i + 1} ({n})" for i, n in enumerate(sizes)], fontsize=6)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+    ax.set_xlim(-0.7, n_genes - 0.3)
+    ax.set_ylabel("cluster (cells), largest first", fontsize=8)
+    ax.set_title(f"Marker genes: top {n_per_cluster} per cluster (one-vs-rest DE; ringed = the gene's own cluster)",
+                 fontsize=9)
+    ax.grid(True, color="0.92", lw=0.5)
+    ax.set_axisbelow(True)
+    fig.colorbar(points, ax=ax, fraction=0.03, pad=0.01, label="mean log-normalised expression (scaled per gene)")
+    for share in (0.25, 0.5, 1.0):
+        ax.scatter([], [], s=area * share, color="0.5", label=f"{share:.0%}")
+    ax.legend(title="detected in", fontsize=6, title_fontsize=6, frameon=False, loc="upper left",
+              bbox_to_anchor=(1.08, 1.0), labelspacing=1.2)
     fig.tight_layout()
     if path is not None:
         _save(fig, path)

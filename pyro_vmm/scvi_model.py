@@ -5,6 +5,7 @@ r"""``VMMSCVI``: scVI with a VampPrior Mixture prior, driven like ``scvi.model.S
 >>> model.train(seed=0)
 >>> adata.obsm["X_vmm"] = model.get_latent_representation()         # E_q[z | x]
 >>> adata.obs["vmm_cluster"] = model.get_cluster_assignments()      # argmax_k q(c = k | E_q[z | x])
+>>> markers = model.cluster_markers()                               # marker genes of every cluster (DE)
 
 The Pyro program is :class:`pyro_vmm.models.scvi.VMMSCVIModule`; training alternates one VI step and one EM step per
 minibatch (:class:`pyro_vmm.training_plan.VMMTrainingPlan`).  Minibatches are sliced from the registered count matrix
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pyro_vmm.models.scvi import VMMSCVIModule
 
 from .checkpoint import load_checkpoint
+from .expression import ExpressionMixin
 from .infer import AlternatingSVI
 from .training_plan import VMMTrainingPlan
 from .utils import set_seed
@@ -272,7 +274,7 @@ def _load_training_checkpoint(path: Path, kind: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The model class
 # ---------------------------------------------------------------------------------------------------------------
-class VMMSCVI(BaseModelClass):
+class VMMSCVI(ExpressionMixin, BaseModelClass):
     """scVI whose latent prior is the VampPrior Mixture (or ``normal``, ``vampprior``, ``gmm``), in Pyro.
 
     Parameters

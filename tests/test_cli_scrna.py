@@ -49,7 +49,9 @@ def _args(data, out, *extra):
 def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     out = tmp_path / "run"
     assert main(_args(small_h5ad, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "clusters.png", "mde.png", "metrics.json", "model"]
+    markers = pd.read_csv(out / "markers.csv")
+    written = {"adata.h5ad", "clusters.png", "mde.png", "metrics.json", "markers.csv", "model"}
+    assert {p.name for p in out.iterdir()} == written | ({"markers.png"} if len(markers) else set())
 
     adata = anndata.read_h5ad(out / "adata.h5ad")
     assert adata.shape == (300, 300) and adata.var["highly_variable"].sum() == 200
@@ -78,6 +80,10 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert all(np.isfinite(metrics["elbo"][k]) and metrics["elbo"][k] > 0 for k in ("train_final", "validation_final"))
     assert metrics["runtime_s"]["total"] >= metrics["runtime_s"]["train"] > 0
     assert metrics["scib"] is None
+    assert list(markers.columns[:5]) == ["cluster", "cluster_number", "n_cells", "rank", "gene"]
+    assert metrics["markers"]["clusters_with_markers"] == markers["cluster"].nunique()
+    sizes = pd.Series(probs.argmax(1)).value_counts()
+    assert set(metrics["markers"]["skipped_clusters_under_10_cells"]) == set(sizes.index[sizes < 10])
     assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "clusters.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -91,9 +97,10 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     # an existing output folder is not overwritten silently
     assert main(_args(small_h5ad, out)) == 2
     # with --overwrite, outputs this run does not write are not left behind from the earlier one
-    assert main(_args(small_h5ad, out, "--overwrite", "--no-mde")) == 0
+    assert main(_args(small_h5ad, out, "--overwrite", "--no-mde", "--no-markers")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "clusters.png", "metrics.json", "model"]
-    assert json.loads((out / "metrics.json").read_text())["settings"]["no_mde"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["no_mde"] is True and metrics["markers"] is None
 
 
 def test_scrna_failure_leaves_no_partial_output(small_h5ad, tmp_path, monkeypatch):

@@ -10,13 +10,33 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _block(marker: str) -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"README should have one python example with {marker!r}"
+    return blocks[0]
+
+
 def test_readme_python_example_runs_and_finds_three_clusters():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README has no python example"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(blocks[0], str(README), "exec"), {"__name__": "readme"})
+        exec(compile(_block("class TinyVAE"), str(README), "exec"), {"__name__": "readme"})
     assert "utilized clusters: 3" in out.getvalue()
+
+
+def test_readme_vmmscvi_example_runs(tmp_path, monkeypatch, shared_data):
+    """The VMM-scVI example as written, with 2 epochs and K = 10 instead of 100 epochs and K = 100."""
+    code = _block("pyro_vmm.VMMSCVI.setup_anndata")
+    for old, new in (("max_epochs=100", "max_epochs=2"), ("n_clusters=100", "n_clusters=10")):
+        assert old in code
+        code = code.replace(old, new)
+    code = code.replace("../shared/data", str(shared_data))
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "readme"}
+    exec(compile(code, str(README), "exec"), scope)
+    adata, markers, de = scope["adata"], scope["markers"], scope["de"]
+    assert adata.obsm["X_vmm"].shape == (adata.n_obs, 10) and scope["probs"].shape == (adata.n_obs, 10)
+    assert scope["expr"].shape == adata.shape and {"cluster", "gene", "lfc_mean"} <= set(markers.columns)
+    assert "lfc_mean" in de.columns and (tmp_path / "runs" / "my_model" / "model.pt").is_file()
 
 
 def test_readme_quick_start_commands_are_the_ci_commands():

@@ -14,6 +14,9 @@ Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes
 - ``mde.png``: MDE of the latent coloured by batch, cell type and VMM cluster (paper Figure 3 layout);
 - ``clusters.png`` (with ``--labels-key`` and/or ``--batch-key``): the cell types and the batch mix of each VMM
   cluster, clusters numbered as in ``mde.png``;
+- ``markers.csv`` and ``markers.png``: marker genes of every VMM cluster (scvi-tools' ``change``-mode differential
+  expression of the cluster against all other cells, batch-corrected; ``VMMSCVI.cluster_markers``) and their dot
+  plot, clusters numbered as in ``mde.png`` (unless ``--no-markers``);
 - ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``).
 
 All outputs are first written into a staging folder inside ``DIR`` and moved into place together only when every
@@ -40,7 +43,7 @@ DEFAULT_MAX_EPOCHS = 100
 #: default EM / VI learning-rate ratio: the Figure-5 sweep's choice on kang_ifnb_2800 (benchmarks/scrna_tuning.py)
 DEFAULT_PRIOR_LR_RATIO = 2.5
 #: files and folders the command writes into --out
-OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "model")
+OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "model")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train scVI with a VampPrior Mixture prior on raw counts, then write the AnnData with the latent "
             "(obsm['X_vmm']), the clusters (obs['vmm_cluster'], obsm['vmm_cluster_probs']), metrics.json, the MDE "
-            "figure mde.png, the cluster composition figure clusters.png and the saved model/ into --out."
+            "figure mde.png, the cluster composition figure clusters.png, the clusters' marker genes (markers.csv, "
+            "markers.png) and the saved model/ into --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -91,6 +95,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-scib", action="store_true", help="skip the scIB metrics (they take a minute or more)")
     t.add_argument("--no-mde", action="store_true", help="skip the MDE figure")
+    t.add_argument(
+        "--no-markers", action="store_true", help="skip the marker genes of the clusters (differential expression)"
+    )
     p.set_defaults(func=run)
 
 
@@ -261,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         "epochs_trained": epochs,
         "runtime_s": {"train": train_s, "per_epoch": train_s / epochs if epochs else None},
         "scib": None,
+        "markers": None,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -288,6 +296,17 @@ def run(args: argparse.Namespace) -> int:
             if args.batch_key is None:
                 del adata.obs[batch_key]
 
+    markers = None
+    if not args.no_markers:
+        log("finding the marker genes of each cluster (differential expression)")
+        t_de = time.perf_counter()
+        markers = model.cluster_markers(seed=args.seed, silent=args.no_progress)
+        metrics["markers"] = {
+            "clusters_with_markers": int(markers["cluster"].nunique()),
+            "skipped_clusters_under_10_cells": markers.attrs["skipped_clusters"],
+            "runtime_s": time.perf_counter() - t_de,
+        }
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
@@ -308,6 +327,13 @@ def run(args: argparse.Namespace) -> int:
                 batches=batches if n_batches > 1 else None,
                 path=staging / "clusters.png",
             )
+        if markers is not None:
+            from pyro_vmm.plotting import marker_dotplot
+
+            with atomic_path(staging / "markers.csv") as tmp:
+                markers.to_csv(tmp, index=False)
+            if len(markers):
+                marker_dotplot(adata, markers, cluster_key="vmm_cluster", path=staging / "markers.png")
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
             adata.write_h5ad(tmp)
