@@ -12,6 +12,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -46,6 +47,15 @@ def main() -> None:
          lambda: model.train(max_epochs=1, devices=2, accelerator="cpu", strategy="ddp", enable_progress_bar=False))
     show("query with the genes in another order", lambda: model.get_latent_representation(_adata()[:, ::-1].copy()))
     show("query with fewer genes", lambda: model.get_latent_representation(_adata(g=6)))
+    query = _adata()
+    query.obs["batch"] = query.obs["batch"].astype(str).replace({"a": "c"}).astype("category")
+    show("query with a batch the model was not trained on", lambda: model.get_latent_representation(query))
+    query = _adata()
+    del query.obs["batch"]
+    show("query without the batch column", lambda: model.get_latent_representation(query))
+    query = _adata()
+    query.X = query.X.log1p()
+    show("query with log-normalised values", lambda: model.get_latent_representation(query))
     show("DE: groupby typo", lambda: model.differential_expression(groupby="celltype"))
     show("expression in an unknown batch", lambda: model.get_normalized_expression(transform_batch="b9"))
     show("expression of unknown genes", lambda: model.get_normalized_expression(gene_list=["NOT_A_GENE"]))

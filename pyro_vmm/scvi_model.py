@@ -617,13 +617,31 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
 
     # -------------------------------------------------------------------------------------------- genes
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
-        """scvi-tools' check and transfer, plus: a query AnnData must have the model's genes in the model's order
-        (scvi-tools only compares their number, so a reordered query would silently be read gene-by-position)."""
-        if adata is not None and adata is not self.adata and self.adata is not None:
-            from .validation import validate_genes_match
+        """scvi-tools' check and transfer, plus, for an AnnData other than the model's (a query): the model's genes in
+        the model's order (scvi-tools only compares their number, so a reordered query would silently be read
+        gene-by-position), raw counts, and only batches the model knows, each refused with a clear error; new label
+        categories are accepted (labels are carried along, not used by the model)."""
+        if adata is None or adata is self.adata or self.adata is None:
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        from scvi.data._utils import _assign_adata_uuid
+        from scvi.model.base._base_model import _check_if_view
 
-            validate_genes_match(self.adata.var_names, adata.var_names, where="the query AnnData")
-        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        from .validation import validate_genes_match, validate_query
+
+        validate_genes_match(self.adata.var_names, adata.var_names, where="the query AnnData")
+        store = type(self)._per_instance_manager_store.get(self.id, {})
+        known = store.get(adata.uns.get("_scvi_uuid"))
+        if known is not None and known.adata is adata:  # transferred before: scvi-tools replays the registration
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        # a new AnnData, or a copy of a registered one (it carries the original's uuid): check, then transfer
+        _check_if_view(adata, copy_if_view=copy_if_view)
+        args = self.adata_manager.registry["setup_args"]
+        batches = self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        validate_query(adata, layer=args.get("layer"), batch_key=args.get("batch_key"),
+                       labels_key=args.get("labels_key"), model_batches=batches)
+        _assign_adata_uuid(adata, overwrite=True)
+        self._register_manager_for_instance(self.adata_manager.transfer_fields(adata, extend_categories=True))
+        return adata
 
     @classmethod
     def load(cls, dir_path: str, adata=None, *args, prefix: str | None = None, **kwargs):

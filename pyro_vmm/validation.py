@@ -331,7 +331,7 @@ def validate_counts(X: Any, *, where: str = "adata.X", integer: bool = True) -> 
 def _check_obs_key(adata: Any, arg: str, key: str | None) -> None:
     if key is None:
         return
-    columns = [str(c) for c in adata.obs.columns]
+    columns = [str(c) for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # scvi-tools' own columns
     if key not in adata.obs.columns:
         close = _closest(key, columns)
         hint = f" Did you mean {_first(close)}?" if close else ""
@@ -511,3 +511,50 @@ def validate_genes_match(
             "adata = adata[:, reference_var_names].copy()."
         )
     raise InputError(f"the genes of {where} do not match the model's: " + "; ".join(parts) + f". {fix}")
+
+
+def validate_query(
+    adata: Any,
+    *,
+    layer: str | None,
+    batch_key: str | None,
+    labels_key: str | None,
+    model_batches: Sequence[Any],
+    where: str = "the query AnnData",
+) -> None:
+    """Check an AnnData that a trained model is asked to embed (a query, or any AnnData other than the model's own).
+
+    The counts, the batch column and empty cells are checked as in :func:`validate_anndata`; beyond that every batch of
+    the query must be one of the model's (encoder and decoder take the batch as input and have no weights for a new
+    one), and the labels column the model was set up with must exist (its values may be new: labels are only carried
+    along, never used by the model).
+    """
+    known = [str(b) for b in model_batches]
+    for key, arg in ((batch_key, "batch_key"), (labels_key, "labels_key")):
+        if key is not None and hasattr(adata, "obs") and key not in adata.obs.columns:
+            fix = (
+                f"add it with one of the model's batches, e.g. adata.obs[{key!r}] = {known[0]!r}"
+                if arg == "batch_key"
+                else f"the model does not use labels, any value will do: adata.obs[{key!r}] = 'unknown'"
+            )
+            raise InputError(
+                f"{where} has no adata.obs[{key!r}] column, the {arg} the model was set up with. Fix: {fix}."
+            )
+    try:
+        validate_anndata(adata, layer=layer, batch_key=batch_key)
+    except InputError as err:
+        place = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        raise InputError(
+            f"{where}: {err} Note: the model was set up with layer={layer!r}, so it reads a query's raw counts from "
+            f"{place}; put them there."
+        ) from None
+    if batch_key is not None:
+        batches = np.unique(np.asarray(adata.obs[batch_key].astype(str)))
+        new = [str(b) for b in batches if str(b) not in known]
+        if new:
+            raise InputError(
+                f"{where} has batch(es) the model was not trained on: {_first(new)} in adata.obs[{batch_key!r}] "
+                f"(the model's batches: {_first(known, 20)}). VMM-scVI's encoder and decoder take the batch as input "
+                "and have no weights for a new one. Fix: embed those cells as one of the model's batches, e.g. "
+                f"adata.obs[{batch_key!r}] = {known[0]!r}, or train a model on the reference and query cells together."
+            )

@@ -479,6 +479,38 @@ def test_query_and_load_refuse_other_genes_and_corrupt_files(trained_vmm, small_
         VMMSCVI.load(str(tmp_path / "nowhere"), adata=_setup(small_adata))
 
 
+def test_query_batches_labels_and_counts_are_checked(trained_vmm, small_adata):
+    """A query must hold raw counts and only the model's batches (clear errors otherwise); new label categories and
+    copies of the training AnnData are fine (labels are carried along, never used)."""
+    from pyro_vmm.validation import InputError
+
+    model = trained_vmm
+    ref = model.get_latent_representation()
+    relabelled = small_adata.copy()
+    relabelled.obs["cell_type"] = relabelled.obs["cell_type"].astype(str).replace({"B": "Plasma"}).astype("category")
+    np.testing.assert_array_equal(model.get_latent_representation(relabelled), ref)
+    copy = model.adata.copy()  # carries the training AnnData's scvi uuid
+    copy.obs["cell_type"] = copy.obs["cell_type"].astype(str).replace({"B": "Plasma"}).astype("category")
+    np.testing.assert_array_equal(model.get_cluster_assignments(copy), model.get_cluster_assignments())
+
+    new_batch = small_adata.copy()
+    new_batch.obs["batch"] = new_batch.obs["batch"].astype(str).replace({"CTRL": "donor3"}).astype("category")
+    with pytest.raises(InputError, match=r"not trained on: 'donor3'.*model's batches: 'CTRL', 'STIM'.*Fix:"):
+        model.get_latent_representation(new_batch)
+    no_batch = small_adata.copy()
+    del no_batch.obs["batch"]
+    with pytest.raises(InputError, match=r"no adata.obs\['batch'\] column.*adata.obs\['batch'\] = 'CTRL'"):
+        model.get_cluster_probabilities(no_batch)
+    no_labels = small_adata.copy()
+    del no_labels.obs["cell_type"]
+    with pytest.raises(InputError, match="labels_key the model was set up with.*any value will do"):
+        model.get_latent_representation(no_labels)
+    lognorm = small_adata.copy()
+    lognorm.X = np.log1p(_dense(lognorm.X))
+    with pytest.raises(InputError, match="non-integer"):
+        model.get_latent_representation(lognorm)
+
+
 def test_backed_anndata_trains_like_in_memory(small_adata, tmp_path):
     """An on-disk (backed) AnnData trains to the same latent space as the same data in memory."""
     path = tmp_path / "small.h5ad"
