@@ -361,10 +361,10 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         **kwargs,
     ) -> None:
         """Register raw counts (``adata.X`` or ``adata.layers[layer]``), the batch and (optionally) the labels."""
+        setup_method_args = cls._get_setup_method_args(**locals())  # first: only the arguments are locals here
         from pyro_vmm.validation import validate_anndata
 
         validate_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key)
-        setup_method_args = cls._get_setup_method_args(**locals())
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
@@ -642,6 +642,15 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         _assign_adata_uuid(adata, overwrite=True)
         self._register_manager_for_instance(self.adata_manager.transfer_fields(adata, extend_categories=True))
         return adata
+
+    @classmethod
+    def load_query_data(cls, adata, reference_model: VMMSCVI, freeze_batchnorm: bool = True) -> VMMSCVI:
+        """Reference mapping (scArches-style): a copy of ``reference_model`` for the cells of ``adata``, whose only
+        trainable parameters are the weights of the query's new batches; the prior is frozen, so :meth:`train` fits
+        those weights and the query cells get the reference's clusters.  See :mod:`pyro_vmm.query`."""
+        from .query import load_query_data
+
+        return load_query_data(cls, adata, reference_model, freeze_batchnorm=freeze_batchnorm)
 
     @classmethod
     def load(cls, dir_path: str, adata=None, *args, prefix: str | None = None, **kwargs):

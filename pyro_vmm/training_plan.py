@@ -134,10 +134,14 @@ class VMMTrainingPlan(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------- optimisers
     @property
     def has_em_step(self) -> bool:
-        return self.module.prior.has_em_step
+        """The prior has MAP parameters and is not frozen (``module.frozen_prior``: a query model, see
+        :mod:`pyro_vmm.query`)."""
+        return self.module.prior.has_em_step and not getattr(self.module, "frozen_prior", False)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         vi, em = self.svi.build_optimizers()
+        if not self.has_em_step:
+            em = None
         if vi is None:
             raise RuntimeError("the module has no parameters for the VI step")
         if self.fused_adam:

@@ -520,13 +520,15 @@ def validate_query(
     batch_key: str | None,
     labels_key: str | None,
     model_batches: Sequence[Any],
+    allow_new_batches: bool = False,
     where: str = "the query AnnData",
 ) -> None:
     """Check an AnnData that a trained model is asked to embed (a query, or any AnnData other than the model's own).
 
     The counts, the batch column and empty cells are checked as in :func:`validate_anndata`; beyond that every batch of
     the query must be one of the model's (encoder and decoder take the batch as input and have no weights for a new
-    one), and the labels column the model was set up with must exist (its values may be new: labels are only carried
+    one; ``allow_new_batches`` lifts this for :func:`pyro_vmm.query.load_query_data`, which adds weights for them),
+    and the labels column the model was set up with must exist (its values may be new: labels are only carried
     along, never used by the model).
     """
     known = [str(b) for b in model_batches]
@@ -548,7 +550,7 @@ def validate_query(
             f"{where}: {err} Note: the model was set up with layer={layer!r}, so it reads a query's raw counts from "
             f"{place}; put them there."
         ) from None
-    if batch_key is not None:
+    if batch_key is not None and not allow_new_batches:
         batches = np.unique(np.asarray(adata.obs[batch_key].astype(str)))
         new = [str(b) for b in batches if str(b) not in known]
         if new:
@@ -556,5 +558,6 @@ def validate_query(
                 f"{where} has batch(es) the model was not trained on: {_first(new)} in adata.obs[{batch_key!r}] "
                 f"(the model's batches: {_first(known, 20)}). VMM-scVI's encoder and decoder take the batch as input "
                 "and have no weights for a new one. Fix: embed those cells as one of the model's batches, e.g. "
-                f"adata.obs[{batch_key!r}] = {known[0]!r}, or train a model on the reference and query cells together."
+                f"adata.obs[{batch_key!r}] = {known[0]!r}, map them with VMMSCVI.load_query_data(adata, model) (new "
+                "batch weights trained on the query, everything else frozen), or train on all cells together."
             )

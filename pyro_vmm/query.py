@@ -1,0 +1,129 @@
+r"""Reference mapping (scArches-style, Lotfollahi et al. 2022): place the cells of new batches into a trained VMM-scVI.
+
+The query model is the reference model with its batch one-hot widened to the query's new batches.  The weights of
+the new batch columns in the first layer of the encoder :math:`q_\phi(z \mid x, s)` and of the decoder
+:math:`f_\theta(z, s)` start at zero, so every reference cell is encoded and decoded exactly as before; they are the
+only parameters trained on the query.  Everything else is frozen: the other network weights, the per-gene
+dispersion, the BatchNorm statistics and the whole VMM prior (no EM step), so the query cells are assigned to the
+reference's clusters, :math:`q(c \mid z)` with the reference's :math:`\pi, m_k, S_k, P_k`.  The pseudo-inputs keep
+their batch vectors (the new batches get weight 0 in their softmax), so the prior is unchanged.
+
+>>> query_model = VMMSCVI.load_query_data(query_adata, reference_model)
+>>> query_model.train(max_epochs=100, seed=0)
+>>> query_adata.obs["vmm_cluster"] = query_model.get_cluster_assignments()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["load_query_data"]
+
+#: logit of a new batch in the pseudo-inputs' softmax batch vector (its weight underflows to exactly 0)
+NEW_BATCH_LOGIT = -1e4
+
+
+def _widen(old: torch.Tensor, new: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``old`` copied into the leading columns of a tensor shaped like ``new``; the added columns hold ``fill``."""
+    out = torch.full_like(new, fill)
+    out[:, : old.shape[1]] = old
+    return out
+
+
+def _column_mask_hook(columns: torch.Tensor):
+    """A gradient hook that keeps the gradient of ``columns`` (the new batches' weights) and zeroes the rest."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros_like(grad)
+        keep[:, columns] = grad[:, columns]
+        return keep
+
+    return hook
+
+
+def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) -> Any:
+    """Build the query model of ``reference_model`` for ``adata`` (see the module docstring); returns a ``cls``.
+
+    ``adata`` must have the reference's genes in the reference's order, raw counts where the reference reads them,
+    the reference's batch column (and labels column, if it had one; new label values are fine) and at least one batch
+    the reference was not trained on; it is registered in place (``cls.setup_anndata``).  ``freeze_batchnorm`` keeps
+    the BatchNorm running statistics of encoder and decoder (so reference cells map exactly as before).
+    """
+    from scvi import REGISTRY_KEYS
+
+    from .validation import InputError, validate_genes_match, validate_query
+
+    if not isinstance(reference_model, cls):
+        raise TypeError(
+            f"reference_model must be a trained {cls.__name__}, got {type(reference_model).__name__}. Fix: load it "
+            f"first, e.g. reference_model = {cls.__name__}.load(path, adata=reference_adata)."
+        )
+    reference_model._check_if_trained(warn=False)
+    ref_manager = reference_model.adata_manager
+    args = dict(ref_manager.registry["setup_args"])
+    if args.get("batch_key") is None:
+        raise InputError(
+            "the reference model was set up without a batch_key, so it has no batch input to extend. Fix: embed the "
+            "query directly with reference_model.get_latent_representation(adata), or train the reference with a "
+            "batch_key."
+        )
+    validate_genes_match(reference_model.adata.var_names, adata.var_names, where="the query AnnData")
+    ref_batches = [str(b) for b in ref_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping]
+    validate_query(adata, layer=args.get("layer"), batch_key=args["batch_key"], labels_key=args.get("labels_key"),
+                   model_batches=ref_batches, allow_new_batches=True)
+    query_batches = np.unique(np.asarray(adata.obs[args["batch_key"]].astype(str)))
+    if all(b in ref_batches for b in query_batches):
+        raise InputError(
+            f"the query AnnData has no batch the reference lacks (its batches: {list(map(str, query_batches))}), so "
+            "there is nothing to map. Fix: embed it directly with reference_model.get_latent_representation(adata)."
+        )
+
+    setup = {k: args.get(k) for k in ("layer", "batch_key", "labels_key")}
+    cls.setup_anndata(adata, source_registry=ref_manager.registry, extend_categories=True, **setup)
+    init = reference_model.init_params_
+    params = {**init.get("non_kwargs", {}), **init.get("kwargs", {}).get("module_kwargs", {})}
+    model = cls(adata, **params)
+    ref_module, module = reference_model.module, model.module
+    n_old, n_new = ref_module.n_batch, module.n_batch
+    new_codes = torch.arange(n_old, n_new)
+    g, d = module.n_input, module.n_latent
+
+    # the reference's parameters, widened where the batch one-hot grew
+    enc_first = module.encoder.fc_layers[0][0].weight
+    dec_first = module.decoder.px_decoder.fc_layers[0][0].weight
+    names = {id(p): name for name, p in module.named_parameters()}
+    first_layers = {names[id(enc_first)], names[id(dec_first)]}
+    old_state = ref_module.state_dict()
+    state = module.state_dict()
+    for key, value in state.items():
+        old = old_state[key]
+        if old.shape == value.shape:
+            state[key] = old.clone()
+        elif key.startswith("prior.") and "pseudo_inputs" in key:  # (K, G + batches): new batches' logits -> -inf
+            widened = _widen(old, value, NEW_BATCH_LOGIT)
+            if ref_module.n_batch_input == 0:  # a one-batch reference: its batch (code 0) gets the whole softmax
+                widened[:, g] = 0.0
+            state[key] = widened
+        elif key in first_layers:  # the new batches' columns start at zero
+            state[key] = _widen(old, value, 0.0)
+        else:
+            raise RuntimeError(f"cannot map parameter {key!r} from shape {tuple(old.shape)} to {tuple(value.shape)}")
+    module.load_state_dict(state)
+
+    # train only the new batches' columns of the two first layers
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for weight, offset in ((enc_first, g), (dec_first, d)):
+        weight.requires_grad_(True)
+        weight.register_hook(_column_mask_hook(offset + new_codes))
+    if freeze_batchnorm:
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.momentum = 0.0
+    module.frozen_prior = True  # read by VMMTrainingPlan: no EM step
+    model.reference_batches_ = ref_batches
+    model.is_trained_ = False
+    return model
