@@ -128,7 +128,7 @@ def train_ours(adata, prior: str, seed: int, args, dataset: str = "") -> dict[st
     data = adata.copy()
     VMMSCVI.setup_anndata(data, batch_key="batch")
     model = VMMSCVI(data, prior=prior, n_clusters=args.n_clusters, n_latent=10, n_hidden=128, n_layers=1,
-                    gene_likelihood="zinb", seed=seed)
+                    gene_likelihood="zinb", seed=seed, **args.model_kwargs)
     timer = epoch_timer()
     t0 = time.perf_counter()
     setting = train_setting(prior, dataset, args)
@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="scrna_tuning.py's result: VMM-scVI uses the batch size and PLR selected there for each data "
                         "set it lists (same number of epochs as the other models)")
     p.add_argument("--n-clusters", type=int, default=100)
+    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="extra VMMSCVI arguments for our models, e.g. the reference code's forms: "
+                        "'{\"var_activation\": \"softplus\", \"pseudo_input_shift\": 1}'")
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-scib", action="store_true")

@@ -50,6 +50,12 @@ def main() -> None:
     query = _adata()
     query.obs["batch"] = query.obs["batch"].astype(str).replace({"a": "c"}).astype("category")
     show("query with a batch the model was not trained on", lambda: model.get_latent_representation(query))
+    show("load_query_data with no new batch", lambda: VMMSCVI.load_query_data(_adata(), model))
+    one_batch = _adata()
+    VMMSCVI.setup_anndata(one_batch)
+    plain = VMMSCVI(one_batch, n_clusters=4, n_latent=2, n_hidden=8, seed=0)
+    plain.train(max_epochs=1, batch_size=10, enable_progress_bar=False, early_stopping=False, seed=0)
+    show("load_query_data on a reference without a batch_key", lambda: VMMSCVI.load_query_data(query.copy(), plain))
     query = _adata()
     del query.obs["batch"]
     show("query without the batch column", lambda: model.get_latent_representation(query))
