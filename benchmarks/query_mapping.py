@@ -20,10 +20,7 @@ Writes benchmarks/results/query_mapping.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -144,19 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:<18} {cell('knn_acc'):>15} {cell('knn_macro_f1'):>15} {cell('cluster_acc'):>15} "
               f"{s['ref_max_abs_diff']['mean']:>9.1e} {s['query_train_s']['mean']:>8.1f}")
 
+    from pyro_vmm.utils import atomic_path, benchmark_header
+
     out = {
-        "benchmark": "query_mapping",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, CPU only, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads; load average at the end {os.getloadavg()[0]:.2f}",
+        **benchmark_header("query_mapping", sys.argv),
         "data": {"name": "kang_ifnb_2800", "reference": "CTRL", "query": "STIM", "n_reference": ref.n_obs,
                  "n_query": query.n_obs, "n_genes": adata.n_vars},
         "settings": vars(args),
         "runs": runs,
         "summary": summary,
     }
-    from pyro_vmm.utils import atomic_path
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:

@@ -12,10 +12,7 @@ Writes benchmarks/results/scvi_epoch_time.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import warnings
@@ -135,18 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['median_cpu_s_per_epoch']:>12.3f} {r['cpu_ratio_to_scvi']:>6.2f}"
         )
 
+    from pyro_vmm.utils import atomic_path, benchmark_header
+
     out = {
-        "benchmark": "scvi_epoch_time",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, CPU only, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads; load average at the end {os.getloadavg()[0]:.2f}",
+        **benchmark_header("scvi_epoch_time", sys.argv),
         "data": {"name": "kang_ifnb_2800", "n_cells": adata.n_obs, "n_genes": adata.n_vars, "hvg": "seurat_v3"},
         "settings": vars(args),
         "results": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from pyro_vmm.utils import atomic_path
 
     with atomic_path(RESULTS / "scvi_epoch_time.json") as tmp:
         tmp.write_text(json.dumps(out, indent=2))

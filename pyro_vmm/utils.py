@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "eval_mode", "inverse_softplus", "resolve_device", "set_seed"]
+__all__ = ["atomic_path", "benchmark_header", "eval_mode", "inverse_softplus", "resolve_device", "set_seed"]
 
 
 @contextlib.contextmanager
@@ -74,3 +74,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def benchmark_header(name: str, argv: list[str]) -> dict[str, str]:
+    """The first keys of a benchmark's JSON: its name, the command that ran it, the date and the machine (cores, torch
+    threads and the load average at the end, so a busy box shows)."""
+    import datetime
+    import platform
+
+    return {
+        "benchmark": name,
+        "command": "python " + " ".join(argv),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, CPU only, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads; load average at the end {os.getloadavg()[0]:.2f}",
+    }

@@ -72,7 +72,7 @@ def test_mapped_query_fits_as_well_as_embedding_it_as_its_true_batch(split):
     """c2 cells are control cells: embedded by the reference *as c1* they are at home.  The query model, which
     knows nothing of that, starts with zero weights for c2 and must improve its fit of them by training those
     weights alone, ending within 1 % of the as-c1 ELBO (20 seeded Monte Carlo draws, the same for every model)."""
-    model, ref, query = split
+    model, _ref, query = split
     as_c1 = query.copy()
     as_c1.obs["sample"] = "c1"
     def elbo(m, adata=None):  # mean over 20 seeded Monte Carlo draws (the same draws for every model)
@@ -107,7 +107,7 @@ def test_a_one_batch_reference_maps_a_new_batch(shared_data):
 
 
 def test_query_model_saves_and_loads(split, tmp_path):
-    model, ref, query = split
+    model, _ref, query = split
     q = VMMSCVI.load_query_data(query.copy(), model)
     q.train(max_epochs=2, seed=0, **TRAIN)
     q.save(str(tmp_path / "q"))
