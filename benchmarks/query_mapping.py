@@ -35,14 +35,11 @@ ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb
 
 
 def transfer_scores(z_ref, labels_ref, z_query, labels_query) -> dict:
-    from sklearn.metrics import f1_score
-    from sklearn.neighbors import KNeighborsClassifier
+    from pyro_vmm.evaluation import knn_label_transfer, label_transfer_scores
 
-    pred = KNeighborsClassifier(n_neighbors=15).fit(z_ref, labels_ref).predict(z_query)
-    return {
-        "knn_acc": float((pred == labels_query).mean()),
-        "knn_macro_f1": float(f1_score(labels_query, pred, average="macro")),
-    }
+    pred = knn_label_transfer(z_ref, labels_ref, z_query, k=15).labels
+    scores = label_transfer_scores(labels_query, pred)
+    return {"knn_acc": scores["accuracy"], "knn_macro_f1": scores["macro_f1"]}
 
 
 def run_vmm(ref, query, args, seed: int) -> dict:

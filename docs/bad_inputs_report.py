@@ -86,6 +86,7 @@ def main() -> None:
     runs = [
         ["scrna", "--data", "missing.h5ad"],
         ["scrna", "--data", "../shared/data/scrna/kang_ifnb_2800.h5ad", "--batch-key", "Batch"],
+        ["map", "--reference", str(folder), "--data", "../shared/data/scrna/kang_ifnb_2800.h5ad"],
         ["images", "--dataset", "digits", "--n-clusters", "0"],
         ["images", "--dataset", "mnist", "--data-dir", str(folder), "--no-download"],
     ]

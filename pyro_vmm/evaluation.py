@@ -10,6 +10,8 @@ the functions that need them.
   the usual "embed, then cluster" pipeline the VMM's built-in clustering replaces.
 - :func:`scib_table`: scib-metrics' ``Benchmarker`` (bio conservation, batch correction, Total =
   0.4 * batch + 0.6 * bio, unscaled); batch metrics are switched off for single-batch data.
+- :func:`knn_label_transfer` / :func:`label_transfer_scores`: labels of query cells predicted by a k-nearest-neighbour
+  vote among reference cells in the latent space (reference mapping), and their accuracy / macro F1.
 - :func:`pca_embedding`: the unintegrated baseline, PCA of log(1 + 1e4 * x / sum(x)).
 - :func:`tuning_sweep` / :func:`select_tuning_config`: the paper's Figure-5 sweep over batch size x prior learning
   rate ratio, keeping configurations whose utilized clusters >= number of cell types.
@@ -31,11 +33,14 @@ from .metrics import ClusteringScores, clustering_scores
 
 __all__ = [
     "ClusteringScores",
+    "LabelTransfer",
     "LeidenResult",
     "ScibConfig",
     "TuningGrid",
     "clustering_scores",
     "exact_neighbors",
+    "knn_label_transfer",
+    "label_transfer_scores",
     "leiden_baseline",
     "leiden_clusters",
     "mark_eligible",
@@ -109,6 +114,50 @@ def leiden_baseline(
         resolution=float(resolution),
         clusters=clusters,
     )
+
+
+# --------------------------------------------------------------------------------------------- label transfer
+@dataclass(frozen=True)
+class LabelTransfer:
+    """Predicted labels of query cells and the share of the k reference neighbours that voted for each."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+
+
+def knn_label_transfer(reference_latent, reference_labels, query_latent, k: int = 15) -> LabelTransfer:
+    """Label each query cell by the majority label of its ``k`` nearest reference cells (Euclidean, in the latent).
+
+    Ties go to the label sorted first.  ``confidence`` is the winning label's share of the ``k`` votes, in (0, 1].
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    ref, query = _as_latent(reference_latent), _as_latent(query_latent)
+    y = np.asarray(reference_labels).astype(str)
+    if y.shape != (ref.shape[0],):
+        raise ValueError(f"reference_labels must have one entry per reference cell ({ref.shape[0]}), got {y.shape}")
+    if query.shape[1] != ref.shape[1]:
+        raise ValueError(f"query_latent has {query.shape[1]} dimensions, reference_latent {ref.shape[1]}")
+    if not 1 <= k <= ref.shape[0]:
+        raise ValueError(f"k must be between 1 and the number of reference cells ({ref.shape[0]}), got {k}")
+    classes, codes = np.unique(y, return_inverse=True)
+    _, idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(query)
+    votes = np.zeros((query.shape[0], classes.size))
+    np.add.at(votes, (np.repeat(np.arange(query.shape[0]), k), codes[idx].ravel()), 1.0)
+    best = votes.argmax(axis=1)
+    return LabelTransfer(labels=classes[best], confidence=votes.max(axis=1) / k)
+
+
+def label_transfer_scores(true_labels, predicted_labels) -> dict[str, float]:
+    """Accuracy and macro-averaged F1 of transferred labels (F1 averaged over every label that is true or predicted
+    somewhere, so predicting a type the query lacks costs F1; scikit-learn's convention)."""
+    from sklearn.metrics import f1_score
+
+    y, p = np.asarray(true_labels).astype(str), np.asarray(predicted_labels).astype(str)
+    if y.shape != p.shape:
+        raise ValueError(f"true and predicted labels differ in shape: {y.shape} vs {p.shape}")
+    return {"accuracy": float((y == p).mean()),
+            "macro_f1": float(f1_score(y, p, average="macro", zero_division=0))}
 
 
 # ---------------------------------------------------------------------------------------------------------- PCA

@@ -11,6 +11,8 @@ from scipy import sparse
 from pyro_vmm.evaluation import (
     ScibConfig,
     TuningGrid,
+    knn_label_transfer,
+    label_transfer_scores,
     leiden_baseline,
     mark_eligible,
     pca_embedding,
@@ -246,3 +248,32 @@ def test_vmm_scvi_trial_runs_in_a_sweep():
     assert list(sweep["batch_size"]) == [32, 64]
     assert sweep["utilized_clusters"].between(1, 6).all() and sweep["nmi_unmerged"].between(0, 1).all()
     assert "X_vmm" not in adata.obsm  # the trial trains on a copy
+
+
+def test_knn_label_transfer_matches_sklearn_and_reports_vote_shares():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(0)
+    ref, query = rng.normal(size=(200, 3)), rng.normal(size=(80, 3))
+    labels = rng.choice(["T", "B", "NK", "Mono"], size=200)
+    out = knn_label_transfer(ref, labels, query, k=15)
+    expected = KNeighborsClassifier(n_neighbors=15).fit(ref, labels).predict(query)
+    assert (out.labels == expected).all()
+    # hand case: 3 reference cells near the query cell (2 "a", 1 "b"), k = 3 -> "a" with 2/3 of the votes
+    ref = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.2], [9.0, 9.0]])
+    out = knn_label_transfer(ref, ["a", "a", "b", "c"], np.array([[0.05, 0.05], [9.0, 8.9]]), k=3)
+    assert list(out.labels) == ["a", "a"] and np.allclose(out.confidence, [2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="one entry per reference cell"):
+        knn_label_transfer(ref, ["a"], ref)
+    with pytest.raises(ValueError, match="dimensions"):
+        knn_label_transfer(ref, list("aabc"), np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="k must be"):
+        knn_label_transfer(ref, list("aabc"), ref, k=5)
+
+
+def test_label_transfer_scores_by_hand():
+    # true a a b b, predicted a b b c: accuracy 2/4; F1 a = 2/3, b = 1/2, c = 0 (predicted, never true) -> macro 7/18
+    scores = label_transfer_scores(list("aabb"), list("abbc"))
+    assert scores["accuracy"] == pytest.approx(0.5)
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+

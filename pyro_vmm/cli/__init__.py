@@ -1,6 +1,7 @@
 """The ``pyro-vmm`` command line: one entry point, one subcommand per job.
 
     pyro-vmm scrna  --data FILE.h5ad --batch-key batch --labels-key cell_type --prior vmm --out runs/kang
+    pyro-vmm map    --reference runs/kang --data QUERY.h5ad --labels-key cell_type --out runs/query
     pyro-vmm images --dataset digits --prior vmm --out runs/digits
     pyro-vmm images-sweep ...
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 #: subcommand modules (each defines ``add_parser(subparsers) -> None`` that sets ``func``)
-SUBCOMMANDS = ("pyro_vmm.cli.scrna", "pyro_vmm.cli.images")
+SUBCOMMANDS = ("pyro_vmm.cli.scrna", "pyro_vmm.cli.mapping", "pyro_vmm.cli.images")
 
 
 def build_parser() -> argparse.ArgumentParser:

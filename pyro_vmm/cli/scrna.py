@@ -26,6 +26,7 @@ one of them is complete, so a failed run leaves no partial output behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +92,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "clusters -- tune per data set with benchmarks/scrna_tuning.py, paper Figure 5)",
     )
     t.add_argument("--patience", type=int, default=45, help="early-stopping patience in epochs (0: no early stopping)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
-    t.add_argument("--accelerator", default="auto", help="'auto', 'cpu', 'gpu', ... (Lightning)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_args(t)
     t.add_argument("--no-scib", action="store_true", help="skip the scIB metrics (they take a minute or more)")
-    t.add_argument("--no-mde", action="store_true", help="skip the MDE figure")
     t.add_argument(
         "--no-markers", action="store_true", help="skip the marker genes of the clusters (differential expression)"
     )
     p.set_defaults(func=run)
+
+
+def add_run_args(group) -> None:
+    """The options every single-cell subcommand shares: seed, accelerator, progress bars and the MDE figure."""
+    group.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
+    group.add_argument("--accelerator", default="auto", help="'auto', 'cpu', 'gpu', ... (Lightning)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--no-mde", action="store_true", help="skip the MDE figure")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,13 +119,18 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.n_top_genes < 0 or args.patience < 0:
         raise ValueError("--n-top-genes and --patience must be >= 0")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {args.out!r} exists and is not a folder; choose another path")
-    present = [name for name in OUTPUTS if (out / name).exists()]
-    if present and not args.overwrite:
+    check_out(args.out, OUTPUTS, args.overwrite)
+
+
+def check_out(out: str, outputs: tuple[str, ...], overwrite: bool) -> None:
+    """``--out`` must be a folder (or not exist yet) and hold none of ``outputs`` unless ``--overwrite``."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r} exists and is not a folder; choose another path")
+    present = [name for name in outputs if (path / name).exists()]
+    if present and not overwrite:
         raise ValueError(
-            f"--out {args.out!r} already holds {', '.join(present)}; pass --overwrite to replace them or choose "
+            f"--out {out!r} already holds {', '.join(present)}; pass --overwrite to replace them or choose "
             "another folder"
         )
 
@@ -131,14 +143,14 @@ def _require_obs_key(adata, key: str | None, option: str) -> None:
         )
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Floats NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
     import numpy as np
 
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -146,18 +158,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _last(history: dict, key: str) -> float | None:
+def last_value(history: dict, key: str) -> float | None:
     frame = history.get(key)
     if frame is None or len(frame) == 0:
         return None
     return float(frame.iloc[-1, 0])
 
 
-def _publish(staging: Path, out: Path) -> None:
+def publish(staging: Path, out: Path, outputs: tuple[str, ...] = OUTPUTS) -> None:
     """Move every finished output from ``staging`` into ``out`` (replacing old ones); an output of an earlier run
     that this run does not write (``mde.png`` under ``--no-mde``, say) is removed, so ``out`` holds one run."""
-    stale = [out / name for name in OUTPUTS if not (staging / name).exists() and (out / name).exists()]
-    for name in OUTPUTS:
+    stale = [out / name for name in outputs if not (staging / name).exists() and (out / name).exists()]
+    for name in outputs:
         src = staging / name
         if not src.exists():
             continue
@@ -176,13 +188,40 @@ def _publish(staging: Path, out: Path) -> None:
             path.unlink()
 
 
+@contextlib.contextmanager
+def staged(out: Path, outputs: tuple[str, ...]) -> Iterator[Path]:
+    """A staging folder inside ``out`` to write outputs into; on success they are published together
+    (:func:`publish`), and the staging folder is removed either way, so a failed run leaves no partial output."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield staging
+        publish(staging, out, outputs)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def store_embedding(adata, model):
+    """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``)
+    and their argmax (``obs["vmm_cluster"]``) into ``adata``; returns (latent, probs, assignments)."""
+    import numpy as np
+    import pandas as pd
+
+    latent = model.get_latent_representation()
+    probs = model.get_cluster_probabilities()
+    assign = probs.argmax(axis=1)
+    adata.obsm["X_vmm"] = latent.astype(np.float32)
+    adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
+    adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))
+    return latent, probs, assign
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``scrna`` job described by parsed ``args``; returns the exit code (0)."""
     t_start = time.perf_counter()
     _check_args(args)
 
     import numpy as np
-    import pandas as pd
     import torch
 
     from pyro_vmm.data.scrna import read_counts, select_hvg
@@ -235,12 +274,7 @@ def run(args: argparse.Namespace) -> int:
     history = model.history
     epochs = len(history["elbo_train"]) if "elbo_train" in history else None
 
-    latent = model.get_latent_representation()
-    probs = model.get_cluster_probabilities()
-    assign = probs.argmax(axis=1)
-    adata.obsm["X_vmm"] = latent.astype(np.float32)
-    adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
-    adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))
+    _, probs, assign = store_embedding(adata, model)
 
     batches = adata.obs[args.batch_key].astype(str).to_numpy() if args.batch_key else None
     n_batches = int(np.unique(batches).size) if batches is not None else 1
@@ -261,8 +295,8 @@ def run(args: argparse.Namespace) -> int:
         "cluster_batch_mixing": cluster_batch_mixing(assign, batches) if n_batches > 1 else None,
         "clustering": None,
         "elbo": {
-            "train_final": _last(history, "elbo_train"),
-            "validation_final": _last(history, "elbo_validation"),
+            "train_final": last_value(history, "elbo_train"),
+            "validation_final": last_value(history, "elbo_validation"),
             "all_cells": float(model.get_elbo()),
         },
         "epochs_trained": epochs,
@@ -308,9 +342,7 @@ def run(args: argparse.Namespace) -> int:
         }
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
+    with staged(out, OUTPUTS) as staging:
         if not args.no_mde:
             from pyro_vmm.plotting import mde_figure
 
@@ -339,10 +371,7 @@ def run(args: argparse.Namespace) -> int:
             adata.write_h5ad(tmp)
         metrics["runtime_s"]["total"] = time.perf_counter() - t_start
         with atomic_path(staging / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            tmp.write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
     log(
         f"done in {metrics['runtime_s']['total']:.0f} s: {metrics['utilized_clusters']} clusters used; "
         f"outputs in {out}/"

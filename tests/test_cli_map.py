@@ -1,0 +1,84 @@
+"""``pyro-vmm map`` end to end: a reference trained by ``pyro-vmm scrna`` on one batch, a query of the other."""
+
+from __future__ import annotations
+
+import json
+
+import anndata
+import numpy as np
+import pytest
+from test_cli_scrna import _args, small_h5ad  # noqa: F401 -- the fixture is used by name
+
+from pyro_vmm.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def reference_and_query(small_h5ad, tmp_path_factory):  # noqa: F811
+    """``pyro-vmm scrna`` on the b0 cells (reference folder) and a query file of the b1 cells with genes reversed."""
+    root = tmp_path_factory.mktemp("map")
+    adata = anndata.read_h5ad(small_h5ad)
+    ref_file, query_file = root / "ref.h5ad", root / "query.h5ad"
+    adata[adata.obs["batch"] == "b0"].copy().write_h5ad(ref_file)
+    query = adata[adata.obs["batch"] == "b1"].copy()
+    query[:, query.var_names[::-1]].copy().write_h5ad(query_file)
+    assert main(_args(ref_file, root / "ref", "--no-markers", "--no-mde", "--max-epochs", "20")) == 0
+    return root / "ref", query_file
+
+
+def _map_args(ref, query, out, *extra):
+    return ["map", "--reference", str(ref), "--data", str(query), "--out", str(out), "--labels-key", "cell_type",
+            "--max-epochs", "20", "--batch-size", "64", "--no-progress", "--seed", "0", *extra]
+
+
+def test_map_writes_query_latent_clusters_and_transferred_labels(reference_and_query, tmp_path):
+    ref, query_file = reference_and_query
+    out = tmp_path / "query"
+    assert main(_map_args(ref, query_file, out)) == 0
+    assert {p.name for p in out.iterdir()} == {"adata.h5ad", "metrics.json", "mde.png", "model"}
+    assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
+
+    query = anndata.read_h5ad(out / "adata.h5ad")
+    reference = anndata.read_h5ad(ref / "adata.h5ad")
+    assert query.n_obs == 150 and query.n_vars == 300  # all genes of the query file kept
+    z, probs = query.obsm["X_vmm"], query.obsm["vmm_cluster_probs"]
+    assert z.shape == (150, 4) and np.isfinite(z).all()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (query.obs["vmm_cluster"].astype(int).to_numpy() == probs.argmax(1)).all()
+    # the query cells land in the reference's clusters, and the separated cell types transfer
+    ref_clusters = set(reference.obs["vmm_cluster"].astype(int))
+    assert np.isin(probs.argmax(1), list(ref_clusters)).mean() > 0.9
+    predicted = query.obs["predicted_cell_type"].astype(str).to_numpy()
+    accuracy = (predicted == query.obs["cell_type"].astype(str).to_numpy()).mean()
+    assert accuracy > 0.8
+    conf = query.obs["predicted_cell_type_confidence"].to_numpy()
+    assert ((conf > 0) & (conf <= 1)).all()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["label_transfer"]["accuracy"] == pytest.approx(accuracy)
+    assert metrics["data"]["batches"] == ["b1"] and metrics["data"]["reference_batches"] == ["b0"]
+    assert metrics["data"]["n_genes_used"] == 200
+    assert metrics["share_in_reference_clusters"] > 0.9
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a, root: a.__setitem__(a.index("--reference") + 1, str(root)), "has no model or adata.h5ad"),
+        (lambda a, root: a.__setitem__(a.index("--labels-key") + 1, "celltype"), "not a column of the reference"),
+        (lambda a, root: a.__setitem__(a.index("--data") + 1, str(root / "few_genes.h5ad")), "lacks 166 of the model's 200 genes"),
+        (lambda a, root: a.__setitem__(a.index("--data") + 1, str(root / "ref.h5ad")), "no batch the reference lacks"),
+    ],
+)
+def test_map_bad_input_gives_one_clear_error_line(reference_and_query, tmp_path, capsys, change, message):
+    ref, query_file = reference_and_query
+    root = ref.parent
+    if not (root / "few_genes.h5ad").exists():
+        anndata.read_h5ad(query_file)[:, :50].copy().write_h5ad(root / "few_genes.h5ad")
+    args = _map_args(ref, query_file, tmp_path / "out")
+    change(args, root)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pyro-vmm map: error:") and message in err[-1], err[-1]
+    assert not (tmp_path / "out").exists()
