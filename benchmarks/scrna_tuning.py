@@ -91,7 +91,7 @@ def summarise_sweep(name: str, sweep, n_labels: int, epochs: int, score: str, ou
     with atomic_path(figure) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     means = (sweep.groupby(["batch_size", "prior_lr_ratio"])
-             [["utilized_clusters", "nmi_unmerged", score, "wall_s"]].mean().reset_index())
+             [list(dict.fromkeys(["utilized_clusters", "nmi_unmerged", score, "wall_s"]))].mean().reset_index())
     print(f"\n{name}: {n_labels} cell types, {epochs} epochs per run, selected by mean {score}")
     print(means.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if selected is not None:
@@ -100,11 +100,12 @@ def summarise_sweep(name: str, sweep, n_labels: int, epochs: int, score: str, ou
             "figure": figure.name, "runs": json.loads(sweep.to_json(orient="records"))}
 
 
-def merge(paths: list[str], out: Path) -> int:
+def merge(paths: list[str], out: Path, select_by: str | None = None) -> int:
     """Combine sweeps run in parts (e.g. one process per PLR) and select again over all their runs.
 
     Per data set the parts must share the training budget (epochs and steps); a repeated (batch size, PLR, seed)
-    takes the later file's run.  Eligibility and the selection are recomputed from the combined runs.
+    takes the later file's run.  Eligibility and the selection are recomputed from the combined runs, by the sweep's
+    own score or by ``select_by`` (any per-run column, e.g. ``nmi_unmerged`` for the model's own clusters).
     """
     import pandas as pd
 
@@ -130,7 +131,7 @@ def merge(paths: list[str], out: Path) -> int:
         epochs, steps, n_labels, score = slot["budget"]
         rows = sorted(slot["runs"].values(), key=lambda r: (r["batch_size"], r["prior_lr_ratio"], r["seed"]))
         sweep = mark_eligible(pd.DataFrame(rows), n_labels)
-        entry = summarise_sweep(name, sweep, n_labels, epochs, score, out)
+        entry = summarise_sweep(name, sweep, n_labels, epochs, select_by or score, out)
         entry.update(steps=steps, commands=slot["commands"])
         payload["datasets"][name] = entry
     with atomic_path(out) as tmp:
@@ -155,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "scrna_tuning.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="combine these sweep files (same --steps) into --out and select again; runs nothing")
+    p.add_argument("--select-by", default=None, metavar="COLUMN",
+                   help="with --merge: select by this per-run column (e.g. nmi_unmerged) instead of the sweep's "
+                        "score (scIB Total, or Bio conservation for single-batch sets)")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge, Path(args.out))
+        return merge(args.merge, Path(args.out), select_by=args.select_by)
+    if args.select_by:
+        p.error("--select-by only applies with --merge (a sweep selects by its score)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "scvi"):

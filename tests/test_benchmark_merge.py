@@ -52,3 +52,23 @@ def test_one_file_is_a_timing_comparison(tmp_path):
     again = tmp_path / "again.json"
     scrna_benchmark.merge([str(out)], again)
     assert {r["source"] for r in json.loads(again.read_text())["runs"]} == {both}
+
+
+def test_tuning_merge_selects_by_another_column_among_eligible_settings(tmp_path):
+    scrna_tuning = pytest.importorskip("scrna_tuning")
+
+    def run(batch_size, plr, clusters, nmi, total):
+        return {"batch_size": batch_size, "prior_lr_ratio": plr, "seed": 100, "utilized_clusters": clusters,
+                "nmi_unmerged": nmi, "Total": total, "wall_s": 1.0}
+
+    runs = [run(128, 1.0, 20, 0.70, 0.75), run(256, 2.5, 15, 0.73, 0.70), run(512, 5.0, 5, 0.90, 0.60)]
+    entry = {"epochs": 100, "settings": {"steps": 2000}, "n_labels": 13, "score": "Total", "runs": runs}
+    part = tmp_path / "sweep.json"
+    part.write_text(json.dumps({"benchmark": "scrna_tuning", "command": "python x", "datasets": {"kang": entry}}))
+    by_total, by_nmi = tmp_path / "total.json", tmp_path / "nmi.json"
+    assert scrna_tuning.merge([str(part)], by_total) == 0
+    assert scrna_tuning.merge([str(part)], by_nmi, select_by="nmi_unmerged") == 0
+    assert json.loads(by_total.read_text())["datasets"]["kang"]["selected"]["batch_size"] == 128
+    # 512 has the best NMI but too few clusters (5 < 13 cell types): the eligible best by NMI is 256
+    selected = json.loads(by_nmi.read_text())["datasets"]["kang"]["selected"]
+    assert selected == {"batch_size": 256, "prior_lr_ratio": 2.5, "nmi_unmerged": pytest.approx(0.73)}
