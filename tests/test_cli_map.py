@@ -62,6 +62,16 @@ def test_map_writes_query_latent_clusters_and_transferred_labels(reference_and_q
     assert metrics["share_in_reference_clusters"] > 0.9
 
 
+def test_map_onto_a_reference_without_batch_key_says_how_to_fix(small_h5ad, tmp_path, capsys):  # noqa: F811
+    ref = tmp_path / "ref"
+    args = [a for a in _args(small_h5ad, ref, "--no-markers", "--no-mde") if a not in ("--batch-key", "batch")]
+    assert main(args) == 0
+    assert main(_map_args(ref, small_h5ad, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained without --batch-key" in err and "--batch-key COLUMN" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -145,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     genes = _model_genes(reference, ref_dir / "model")
     ref_model = VMMSCVI.load(str(ref_dir / "model"), adata=_on_genes(reference, genes, "the reference adata.h5ad"))
     batch_key = ref_model.adata_manager.registry["setup_args"].get("batch_key")
+    if batch_key is None:
+        raise ValueError(
+            f"the model in --reference {args.reference!r} was trained without --batch-key, so it has no batch input "
+            "to extend to new batches. Fix: run 'pyro-vmm scrna' on the reference with --batch-key COLUMN (the "
+            "query file needs the same column)"
+        )
     if args.labels_key is not None and args.labels_key not in reference.obs:
         raise KeyError(
             f"--labels-key {args.labels_key!r} is not a column of the reference's adata.obs; available columns: "
