@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per xdist worker, for every library and every process a test starts (notebook kernels, the CLI,
+    # DDP ranks): OpenMP/BLAS/XLA threads oversubscribing 2 cores make every op crawl
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -15,7 +22,6 @@ from torch import nn
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode
 
-# one thread per xdist worker: OpenMP threads oversubscribing 2 cores make every op crawl
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
