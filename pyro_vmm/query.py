@@ -15,6 +15,7 @@ their batch vectors (the new batches get weight 0 in their softmax), so the prio
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,12 @@ def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) 
     """
     from scvi import REGISTRY_KEYS
 
-    from .validation import InputError, validate_genes_match, validate_query
+    from .validation import (
+        InputError,
+        InputWarning,
+        validate_genes_match,
+        validate_query,
+    )
 
     if not isinstance(reference_model, cls):
         raise TypeError(
@@ -72,8 +78,10 @@ def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) 
         )
     validate_genes_match(reference_model.adata.var_names, adata.var_names, where="the query AnnData")
     ref_batches = [str(b) for b in ref_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping]
-    validate_query(adata, layer=args.get("layer"), batch_key=args["batch_key"], labels_key=args.get("labels_key"),
-                   model_batches=ref_batches, allow_new_batches=True)
+    with warnings.catch_warnings():  # setup_anndata below checks (and warns about) the counts again
+        warnings.simplefilter("ignore", InputWarning)
+        validate_query(adata, layer=args.get("layer"), batch_key=args["batch_key"], labels_key=args.get("labels_key"),
+                       model_batches=ref_batches, allow_new_batches=True)
     query_batches = np.unique(np.asarray(adata.obs[args["batch_key"]].astype(str)))
     if all(b in ref_batches for b in query_batches):
         raise InputError(

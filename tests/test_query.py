@@ -133,3 +133,22 @@ def test_query_mapping_errors(split, shared_data):
     unbatched.train(max_epochs=1, seed=0, **TRAIN)
     with pytest.raises(InputError, match="without a batch_key"):
         VMMSCVI.load_query_data(query.copy(), unbatched)
+
+
+def test_a_query_with_an_empty_gene_is_warned_about_once(split):
+    import warnings
+
+    from pyro_vmm.validation import InputWarning
+
+    model, _ref, query = split
+    from scipy import sparse
+
+    q = query.copy()
+    counts = sparse.lil_matrix(q.X)
+    counts[:, 3] = 0
+    q.X = counts.tocsr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        VMMSCVI.load_query_data(q, model)
+    empty = [w for w in caught if issubclass(w.category, InputWarning) and "zero counts" in str(w.message)]
+    assert len(empty) == 1, [str(w.message) for w in empty]
