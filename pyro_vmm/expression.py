@@ -162,11 +162,12 @@ class ExpressionMixin:
 
         parts = []
         batches = self._minibatches(adata, indices, batch_size)
+        keep = torch.as_tensor(gene_mask, device=self.module.device)
         with torch.inference_mode():
             for x, b in tqdm(batches, disable=silent, desc="decoding", unit="batch", leave=False):
                 rho = self.module.normalized_expression(x, b, n_samples=n_samples, batch_codes=codes)  # (S, B, G)
                 scale = x.sum(-1, keepdim=True) if library_size == "latent" else float(library_size)
-                parts.append((rho * scale)[..., torch.as_tensor(gene_mask, device=rho.device)].cpu().numpy())
+                parts.append((rho * scale)[..., keep].cpu().numpy())
         expr = np.concatenate(parts, axis=1)  # (S, N, G')
 
         if n_samples_overall is not None:

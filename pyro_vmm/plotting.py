@@ -306,7 +306,8 @@ def marker_dotplot(
     if n_per_cluster < 1:
         raise ValueError(f"n_per_cluster must be >= 1, got {n_per_cluster}")
     clusters = adata.obs[cluster_key].astype(str).reset_index(drop=True)
-    order = _by_size(clusters).index.tolist()
+    by_size = _by_size(clusters)
+    order = by_size.index.tolist()
     genes: list[str] = []
     owner: list[int] = []  # the row (cluster position) each gene was chosen for
     ranked = markers.assign(cluster=markers["cluster"].astype(str)).sort_values(["cluster", "rank"])
@@ -345,9 +346,8 @@ def marker_dotplot(
         ax.scatter([i], [row], s=area * 1.25, facecolors="none", edgecolors="k", linewidths=0.8)
     ax.set_xticks(np.arange(n_genes))
     ax.set_xticklabels(genes, rotation=90, fontsize=6)
-    sizes = _by_size(clusters).to_numpy()
     ax.set_yticks(np.arange(n_rows))
-    ax.set_yticklabels([f"{i + 1} ({n})" for i, n in enumerate(sizes)], fontsize=6)
+    ax.set_yticklabels([f"{i + 1} ({n})" for i, n in enumerate(by_size.to_numpy())], fontsize=6)
     ax.set_ylim(n_rows - 0.5, -0.5)
     ax.set_xlim(-0.7, n_genes - 0.3)
     ax.set_ylabel("cluster (cells), largest first", fontsize=8)

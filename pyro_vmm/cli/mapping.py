@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 import warnings
@@ -35,6 +34,7 @@ from typing import Any
 from .scrna import (
     add_run_args,
     check_out,
+    environment,
     json_safe,
     last_value,
     staged,
@@ -90,16 +90,15 @@ def _check_args(args: argparse.Namespace) -> None:
     check_out(args.out, OUTPUTS, args.overwrite)
 
 
-def _model_genes(reference_adata, model_dir: Path):
-    """The genes the saved model reads, in its order (``var_names`` saved with the model)."""
-    import numpy as np
-    import torch
-
-    saved = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=False)
-    names = saved.get("var_names") if isinstance(saved, dict) else None
-    if names is None:  # older saves: the genes marked by pyro-vmm scrna
-        return reference_adata.var_names[reference_adata.var["highly_variable"].to_numpy()]
-    return np.asarray(names).astype(str)
+def _model_genes(reference_adata):
+    """The genes the reference model reads, in its order: those ``pyro-vmm scrna`` marked ``highly_variable``
+    (``VMMSCVI.load`` then checks them against the names saved with the model)."""
+    if "highly_variable" not in reference_adata.var:
+        raise ValueError(
+            "the reference's adata.h5ad has no var['highly_variable'] column; pass the output folder of "
+            "'pyro-vmm scrna', which marks the genes its model uses"
+        )
+    return reference_adata.var_names[reference_adata.var["highly_variable"].to_numpy(dtype=bool)]
 
 
 def _on_genes(adata, genes, where: str):
@@ -132,7 +131,6 @@ def run(args: argparse.Namespace) -> int:
     import anndata
     import numpy as np
     import pandas as pd
-    import torch
 
     from pyro_vmm import VMMSCVI
     from pyro_vmm.data.scrna import read_counts
@@ -142,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.no_progress else (lambda *a: print("[pyro-vmm map]", *a, file=sys.stderr))
     ref_dir = Path(args.reference)
     reference = anndata.read_h5ad(ref_dir / "adata.h5ad")
-    genes = _model_genes(reference, ref_dir / "model")
+    genes = _model_genes(reference)
     ref_model = VMMSCVI.load(str(ref_dir / "model"), adata=_on_genes(reference, genes, "the reference adata.h5ad"))
     batch_key = ref_model.adata_manager.registry["setup_args"].get("batch_key")
     if batch_key is None:
@@ -187,17 +185,15 @@ def run(args: argparse.Namespace) -> int:
         "label_transfer": None,
         "elbo": {"train_final": last_value(model.history, "elbo_train"), "all_cells": float(model.get_elbo())},
         "runtime_s": {"train": train_s},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": str(model.module.device), "torch_threads": torch.get_num_threads()},
+        "environment": environment(model),
     }
     key = args.labels_key
     if key is not None:
-        transfer = knn_label_transfer(reference.obsm["X_vmm"], reference.obs[key].astype(str).to_numpy(), latent,
-                                      k=min(N_NEIGHBORS, reference.n_obs))
+        k = min(N_NEIGHBORS, reference.n_obs)
+        transfer = knn_label_transfer(reference.obsm["X_vmm"], reference.obs[key].astype(str).to_numpy(), latent, k=k)
         query.obs[f"predicted_{key}"] = pd.Categorical(transfer.labels)
         query.obs[f"predicted_{key}_confidence"] = transfer.confidence.astype(np.float32)
-        metrics["label_transfer"] = {"k": min(N_NEIGHBORS, reference.n_obs),
-                                     "mean_confidence": float(transfer.confidence.mean())}
+        metrics["label_transfer"] = {"k": k, "mean_confidence": float(transfer.confidence.mean())}
         if key in query.obs:
             metrics["label_transfer"].update(label_transfer_scores(query.obs[key].astype(str), transfer.labels))
 

@@ -216,13 +216,20 @@ def store_embedding(adata, model):
     return latent, probs, assign
 
 
+def environment(model) -> dict[str, Any]:
+    """Python and torch versions, the model's device and torch's thread count, for ``metrics.json``."""
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "device": str(model.module.device),
+            "torch_threads": torch.get_num_threads()}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``scrna`` job described by parsed ``args``; returns the exit code (0)."""
     t_start = time.perf_counter()
     _check_args(args)
 
     import numpy as np
-    import torch
 
     from pyro_vmm.data.scrna import read_counts, select_hvg
     from pyro_vmm.utils import atomic_path
@@ -303,12 +310,7 @@ def run(args: argparse.Namespace) -> int:
         "runtime_s": {"train": train_s, "per_epoch": train_s / epochs if epochs else None},
         "scib": None,
         "markers": None,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "device": str(model.module.device),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "environment": environment(model),
     }
     if args.labels_key:
         from pyro_vmm.evaluation import clustering_scores
