@@ -30,6 +30,9 @@ from .utils import set_seed
 
 __all__ = ["ExpressionMixin"]
 
+#: the per-cell scaling scvi-tools' ``scrna_raw_counts_properties`` caches in ``adata.obs``
+RAW_NORM_KEY = "_scvi_raw_norm_scaling"
+
 #: columns of a ``change``-mode DE table that :meth:`ExpressionMixin.cluster_markers` keeps, in this order
 MARKER_COLUMNS = (
     "lfc_mean",
@@ -230,27 +233,33 @@ class ExpressionMixin:
             raise ValueError("give groupby (an adata.obs column) or idx1 (the cells of the first group)")
         model_fn = partial(self.get_normalized_expression, return_numpy=True, n_samples=1, batch_size=batch_size)
         representation_fn = self.get_latent_representation if filter_outlier_cells else None
-        return _de_core(
-            self.get_anndata_manager(adata, required=True),
-            model_fn,
-            representation_fn,
-            groupby,
-            group1,
-            group2,
-            idx1,
-            idx2,
-            all_stats,
-            scrna_raw_counts_properties,
-            adata.var_names,
-            mode,
-            batchid1,
-            batchid2,
-            delta,
-            batch_correction,
-            fdr_target,
-            silent,
-            **kwargs,
-        )
+        # scvi-tools' raw-count statistics cache a per-cell scaling in adata.obs; the user's AnnData is left as it was
+        added = RAW_NORM_KEY not in adata.obs
+        try:
+            return _de_core(
+                self.get_anndata_manager(adata, required=True),
+                model_fn,
+                representation_fn,
+                groupby,
+                group1,
+                group2,
+                idx1,
+                idx2,
+                all_stats,
+                scrna_raw_counts_properties,
+                adata.var_names,
+                mode,
+                batchid1,
+                batchid2,
+                delta,
+                batch_correction,
+                fdr_target,
+                silent,
+                **kwargs,
+            )
+        finally:
+            if added and RAW_NORM_KEY in adata.obs:
+                del adata.obs[RAW_NORM_KEY]
 
     def cluster_markers(
         self,
