@@ -201,6 +201,9 @@ class VMMSCVIModule(PyroBaseModuleClass):
         ``c`` in :math:`\\tilde x = \\operatorname{softplus}(v) - c`; 0 (default) or 1 (the reference code).
     """
 
+    #: True for a query model (:mod:`pyro_vmm.query`): the prior stays as the reference left it, no EM step
+    frozen_prior: bool = False
+
     def __init__(
         self,
         n_input: int,

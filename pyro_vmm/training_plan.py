@@ -136,7 +136,7 @@ class VMMTrainingPlan(pl.LightningModule):
     def has_em_step(self) -> bool:
         """The prior has MAP parameters and is not frozen (``module.frozen_prior``: a query model, see
         :mod:`pyro_vmm.query`)."""
-        return self.module.prior.has_em_step and not getattr(self.module, "frozen_prior", False)
+        return self.module.prior.has_em_step and not self.module.frozen_prior
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         vi, em = self.svi.build_optimizers()
