@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_query_data"]
+__all__ = ["freeze_for_query", "load_query_data"]
 
 #: logit of a new batch in the pseudo-inputs' softmax batch vector (its weight underflows to exactly 0)
 NEW_BATCH_LOGIT = -1e4
@@ -95,9 +95,9 @@ def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) 
     params = {**init.get("non_kwargs", {}), **init.get("kwargs", {}).get("module_kwargs", {})}
     model = cls(adata, **params)
     ref_module, module = reference_model.module, model.module
-    n_old, n_new = ref_module.n_batch, module.n_batch
-    new_codes = torch.arange(n_old, n_new)
-    g, d = module.n_input, module.n_latent
+    if ref_module.n_batch != len(ref_batches):
+        raise RuntimeError(f"the reference module has {ref_module.n_batch} batches, its registry {len(ref_batches)}")
+    g = module.n_input
 
     # the reference's parameters, widened where the batch one-hot grew
     enc_first = module.encoder.fc_layers[0][0].weight
@@ -120,18 +120,31 @@ def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) 
         else:
             raise RuntimeError(f"cannot map parameter {key!r} from shape {tuple(old.shape)} to {tuple(value.shape)}")
     module.load_state_dict(state)
+    model.reference_batches_ = ref_batches
+    model.query_freeze_batchnorm_ = bool(freeze_batchnorm)
+    freeze_for_query(model)
+    model.is_trained_ = False
+    return model
 
-    # train only the new batches' columns of the two first layers
+
+def freeze_for_query(model) -> None:
+    """Freeze ``model``'s module for query training: only the columns of the batches not in
+    ``model.reference_batches_`` in the first encoder and decoder layers get gradients; no EM step
+    (``module.frozen_prior``); with ``model.query_freeze_batchnorm_`` (default True) the BatchNorm running statistics
+    stay fixed.  Called by :func:`load_query_data` and again by ``VMMSCVI.load`` on a saved query model, since neither
+    ``requires_grad`` flags nor gradient hooks are saved."""
+    module = model.module
+    g, d = module.n_input, module.n_latent
+    new_codes = torch.arange(len(model.reference_batches_), module.n_batch)
+    enc_first = module.encoder.fc_layers[0][0].weight
+    dec_first = module.decoder.px_decoder.fc_layers[0][0].weight
     for p in module.parameters():
         p.requires_grad_(False)
     for weight, offset in ((enc_first, g), (dec_first, d)):
         weight.requires_grad_(True)
         weight.register_hook(_column_mask_hook(offset + new_codes))
-    if freeze_batchnorm:
+    if getattr(model, "query_freeze_batchnorm_", True):
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.momentum = 0.0
     module.frozen_prior = True  # read by VMMTrainingPlan: no EM step
-    model.reference_batches_ = ref_batches
-    model.is_trained_ = False
-    return model

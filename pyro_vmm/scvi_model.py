@@ -508,6 +508,10 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         trainer_kwargs.setdefault("enable_progress_bar", enable_progress_bar)
         if splitter.n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        # scvi-tools leaves the module in eval mode after training or loading, and Lightning (>= 2.2) keeps the
+        # modes it finds: without this a second train() call (or training a loaded model) would run with
+        # BatchNorm on its running statistics and dropout off
+        self.module.train()
         runner = self._train_runner_cls(
             self,
             training_plan=plan,
@@ -681,7 +685,12 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             )
         if adata is not None and saved.get("var_names") is not None:
             validate_genes_match(saved["var_names"], adata.var_names, where="the AnnData given to load")
-        return super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
+        model = super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
+        if getattr(model, "reference_batches_", None) is not None:  # a saved query model: freeze it again
+            from .query import freeze_for_query
+
+            freeze_for_query(model)
+        return model
 
     # -------------------------------------------------------------------------------------------- save
     def save(

@@ -114,6 +114,26 @@ def test_query_model_saves_and_loads(split, tmp_path):
     loaded = VMMSCVI.load(str(tmp_path / "q"), adata=q.adata)
     np.testing.assert_array_equal(loaded.get_latent_representation(), q.get_latent_representation())
 
+    # the loaded query model is frozen as the one it was saved from: training it again moves only the new columns
+    assert loaded.module.frozen_prior and loaded.reference_batches_ == ["c1", "s1"]
+    trainable = [name for name, p in loaded.module.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(["encoder.fc_layers.Layer 0.0.weight",
+                                        "decoder.px_decoder.fc_layers.Layer 0.0.weight"])
+    before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    loaded.train(max_epochs=2, seed=1, **TRAIN)
+    after = loaded.module.state_dict()
+    width = model.module.state_dict()["encoder.fc_layers.Layer 0.0.weight"].shape[1]
+    for key, value in after.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith("Layer 0.0.weight"):
+            cols = width if key.startswith("encoder") else width - q.module.n_input + q.module.n_latent
+            assert torch.equal(value[:, :cols], before[key][:, :cols]), key
+            assert not torch.equal(value[:, cols:], before[key][:, cols:]), key
+        else:
+            assert torch.equal(value, before[key]), key  # prior, dispersion, BatchNorm statistics: frozen
+    np.testing.assert_array_equal(loaded.get_latent_representation(_ref), model.get_latent_representation())
+
 
 def test_query_mapping_errors(split, shared_data):
     model, ref, query = split

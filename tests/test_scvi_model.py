@@ -523,3 +523,21 @@ def test_backed_anndata_trains_like_in_memory(small_adata, tmp_path):
         latents.append(model.get_latent_representation())
     assert latents[0].shape == (small_adata.n_obs, TINY["n_latent"])
     np.testing.assert_array_equal(latents[0], latents[1])
+
+
+def test_a_second_train_call_trains_in_training_mode(small_adata):
+    """scvi-tools puts the module in eval mode after training (and after load); Lightning >= 2.2 keeps modes as it
+    finds them, so continuing to train must switch BatchNorm and dropout back to training behaviour."""
+    import lightning.pytorch as pl
+
+    class Modes(pl.Callback):
+        seen: list[bool] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(all(m.training for m in pl_module.module.modules()))
+
+    model = VMMSCVI(_setup(small_adata), prior="vmm", seed=0, **TINY)
+    model.train(max_epochs=1, seed=0, **TRAIN)
+    assert not model.module.training  # scvi-tools' TrainRunner leaves it in eval mode
+    model.train(max_epochs=1, seed=0, callbacks=[Modes()], **TRAIN)
+    assert Modes.seen and all(Modes.seen)
