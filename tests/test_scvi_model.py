@@ -531,7 +531,8 @@ def test_a_second_train_call_trains_in_training_mode(small_adata):
     import lightning.pytorch as pl
 
     class Modes(pl.Callback):
-        seen: list[bool] = []
+        def __init__(self) -> None:
+            self.seen: list[bool] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.seen.append(all(m.training for m in pl_module.module.modules()))
@@ -539,5 +540,6 @@ def test_a_second_train_call_trains_in_training_mode(small_adata):
     model = VMMSCVI(_setup(small_adata), prior="vmm", seed=0, **TINY)
     model.train(max_epochs=1, seed=0, **TRAIN)
     assert not model.module.training  # scvi-tools' TrainRunner leaves it in eval mode
-    model.train(max_epochs=1, seed=0, callbacks=[Modes()], **TRAIN)
-    assert Modes.seen and all(Modes.seen)
+    modes = Modes()
+    model.train(max_epochs=1, seed=0, callbacks=[modes], **TRAIN)
+    assert modes.seen and all(modes.seen)
