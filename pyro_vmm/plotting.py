@@ -1,5 +1,5 @@
 """Figures: MDE embeddings coloured by batch, cell type and prior cluster (paper Figure 3), what each cluster holds
-(cell types and batches), the marker genes of each cluster, and the tuning sweep.
+(cell types and batches), the marker genes of each cluster, the tuning sweep and the training curves.
 
 Model-independent: every function takes arrays, an AnnData or a DataFrame.  Figures are drawn with matplotlib's
 object API on an Agg canvas (no pyplot, no global backend switch) and, when ``path`` is given, saved atomically.
@@ -26,6 +26,7 @@ __all__ = [
     "mde_figure",
     "mde_grid",
     "plot_tuning_sweep",
+    "training_curves",
 ]
 
 #: column titles of the paper's Figure 3, by the obs key coloured in that column
@@ -403,6 +404,59 @@ def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.
         if col == "utilized_clusters" and "n_labels" in sweep.attrs:
             ax.axhline(sweep.attrs["n_labels"], color="k", ls="--", lw=0.8, label="cell types")
     axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+#: the panels of :func:`training_curves`: (y label, history keys drawn in it)
+TRAINING_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("−ELBO per datum (VI loss)", ("elbo_train", "elbo_validation")),
+    ("EM loss (MAP objective)", ("em_loss_train",)),
+    ("utilized clusters", ("utilized_clusters_train", "utilized_clusters_validation")),
+)
+
+
+def _history_series(values) -> np.ndarray:
+    """One history entry as a float array: scvi-tools keeps a one-column DataFrame per key, others a list."""
+    if isinstance(values, pd.DataFrame):
+        values = values.iloc[:, 0]
+    return np.asarray(pd.to_numeric(pd.Series(values, dtype=object), errors="coerce"), dtype=float)
+
+
+def training_curves(history: Mapping[str, object], path: str | os.PathLike | None = None):
+    """The training run per epoch: the VI loss −ELBO (train, validation), the EM step's loss and the number of
+    utilized clusters (argmax of q(c | z) over the epoch's cells), one panel each; panels without data are left out.
+
+    ``history`` is ``VMMSCVI.history`` (scvi-tools' dict of one-column DataFrames indexed by epoch) or any mapping
+    of the same keys (``elbo_train``, ``elbo_validation``, ``em_loss_train``, ``utilized_clusters_train``,
+    ``utilized_clusters_validation``) to per-epoch sequences; ``None`` entries (an epoch without that value) are
+    skipped.  Returns the matplotlib ``Figure``; saved atomically to ``path`` when given.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = {k: _history_series(history[k]) for _, keys in TRAINING_PANELS for k in keys if k in history}
+    series = {k: v for k, v in series.items() if np.isfinite(v).any()}
+    panels = [(label, [k for k in keys if k in series]) for label, keys in TRAINING_PANELS]
+    panels = [(label, keys) for label, keys in panels if keys]
+    if not panels:
+        known = sorted(k for _, keys in TRAINING_PANELS for k in keys)
+        raise ValueError(f"history has none of {known} with a finite value; pass model.history after training")
+    fig = Figure(figsize=(4.2 * len(panels), 3.2))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (label, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            y = series[key]
+            x = np.arange(1, y.size + 1)
+            ok = np.isfinite(y)
+            ax.plot(x[ok], y[ok], lw=1.2, label=key.rsplit("_", 1)[-1],
+                    drawstyle="steps-mid" if key.startswith("utilized") else "default")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, frameon=False)  # train / validation cells, also when only one is drawn
     fig.tight_layout()
     if path is not None:
         _save(fig, path)

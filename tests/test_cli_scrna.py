@@ -50,7 +50,7 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     out = tmp_path / "run"
     assert main(_args(small_h5ad, out)) == 0
     markers = pd.read_csv(out / "markers.csv")
-    written = {"adata.h5ad", "clusters.png", "mde.png", "metrics.json", "markers.csv", "model"}
+    written = {"adata.h5ad", "clusters.png", "mde.png", "metrics.json", "markers.csv", "training.png", "model"}
     assert {p.name for p in out.iterdir()} == written | ({"markers.png"} if len(markers) else set())
 
     adata = anndata.read_h5ad(out / "adata.h5ad")
@@ -86,6 +86,7 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert set(metrics["markers"]["skipped_clusters_under_10_cells"]) == set(sizes.index[sizes < 10])
     assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "clusters.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "training.png").read_bytes()[:8] == PNG_MAGIC
 
     # the saved model reloads on the genes it was trained on and gives the same latent
     from pyro_vmm import VMMSCVI
@@ -98,7 +99,8 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert main(_args(small_h5ad, out)) == 2
     # with --overwrite, outputs this run does not write are not left behind from the earlier one
     assert main(_args(small_h5ad, out, "--overwrite", "--no-mde", "--no-markers")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "clusters.png", "metrics.json", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["adata.h5ad", "clusters.png", "metrics.json", "model",
+                                                     "training.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["no_mde"] is True and metrics["markers"] is None
 

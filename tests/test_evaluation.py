@@ -176,6 +176,36 @@ def test_plot_tuning_sweep_writes_png(tmp_path):
     assert len(fig.axes[0].lines) >= 3  # two PLR lines + the number-of-cell-types line
 
 
+def test_training_curves_draw_the_history_per_epoch(tmp_path):
+    from pyro_vmm.plotting import training_curves
+
+    epochs = pd.Index(np.arange(4), name="epoch")
+    history = {  # as VMMSCVI.history: one-column DataFrames indexed by epoch
+        "elbo_train": pd.DataFrame({"elbo_train": [9.0, 7.0, 6.0, 5.5]}, index=epochs),
+        "elbo_validation": pd.DataFrame({"elbo_validation": [9.5, 7.5, 6.6, 6.1]}, index=epochs),
+        "em_loss_train": pd.DataFrame({"em_loss_train": [3.0, 2.0, 1.0, 0.5]}, index=epochs),
+        "utilized_clusters_validation": pd.DataFrame({"utilized_clusters_validation": [20, 14, 11, 11]}, index=epochs),
+        "lr": pd.DataFrame({"lr": [1e-3] * 4}, index=epochs),  # not drawn
+    }
+    fig = training_curves(history, path=tmp_path / "training.png")
+    assert (tmp_path / "training.png").read_bytes()[:8] == PNG_MAGIC
+    assert [ax.get_ylabel() for ax in fig.axes] == ["−ELBO per datum (VI loss)", "EM loss (MAP objective)",
+                                                   "utilized clusters"]
+    (train, val), (em,), (used,) = (ax.lines for ax in fig.axes)
+    np.testing.assert_array_equal(train.get_xdata(), [1, 2, 3, 4])
+    np.testing.assert_array_equal(train.get_ydata(), [9.0, 7.0, 6.0, 5.5])
+    np.testing.assert_array_equal(val.get_ydata(), [9.5, 7.5, 6.6, 6.1])
+    np.testing.assert_array_equal(em.get_ydata(), [3.0, 2.0, 1.0, 0.5])
+    np.testing.assert_array_equal(used.get_ydata(), [20, 14, 11, 11])
+
+    # plain lists work too; epochs without a value (None) are skipped, panels without data left out
+    fig = training_curves({"elbo_train": [4.0, None, 2.0]})
+    assert len(fig.axes) == 1
+    np.testing.assert_array_equal(fig.axes[0].lines[0].get_xdata(), [1, 3])
+    with pytest.raises(ValueError, match="none of"):
+        training_curves({"lr": [1e-3]})
+
+
 def _knn_sets(x, k=10):
     d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)

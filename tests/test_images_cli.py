@@ -24,7 +24,7 @@ def test_images_end_to_end(prior, tmp_path, capsys):
     out = tmp_path / prior
     code = main(["images", "--prior", prior, *TINY, "--epochs", "2", "--n-clusters", "8", "--out", str(out)])
     assert code == 0
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "model.pt", "prior_samples.png"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "model.pt", "prior_samples.png", "training.png"}
     metrics = json.loads((out / "metrics.json").read_text())
     scores = metrics["scores"]
     assert 1 <= scores["utilized_clusters"] <= 8 and 0.0 <= scores["nmi_unmerged"] <= 1.0

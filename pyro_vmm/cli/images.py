@@ -7,7 +7,7 @@
 ``images`` writes ``metrics.json`` (clustering scores on every image used, training history, settings),
 ``model.pt`` (``state_dict`` + model config) and ``prior_samples.png`` (paper Figure 2 layout, one row per utilized
 cluster sorted by pi: the cluster's most probable member, then ``round(10 pi_k / max pi)`` decoded draws from its
-predictive component).  ``images-sweep`` trains one model per batch size (and seed) and writes ``sweep.json`` and
+predictive component) and ``training.png`` (−ELBO, EM loss and utilized clusters per epoch).  ``images-sweep`` trains one model per batch size (and seed) and writes ``sweep.json`` and
 ``sweep.png`` (utilized clusters and unmerged NMI against batch size, paper Figure 1).  Labels are used only for
 the reported scores, never for training or early stopping.
 """
@@ -378,10 +378,19 @@ def run_images(args: argparse.Namespace) -> int:
     probs = cluster_probabilities(model, x_all, sample=True, seed=args.seed)
     out = _output_dir(args)
     plot_prior_predictive(model, x_all, probs, train.image_shape, out / "prior_samples.png", seed=args.seed)
+    files = ["metrics.json", "model.pt", "prior_samples.png"]
+    if result["history"]["epochs_run"]:
+        from ..plotting import training_curves
+
+        h = result["history"]
+        training_curves({"elbo_train": h["train_loss"], "elbo_validation": h["val_loss"],
+                         "em_loss_train": h["em_loss"], "utilized_clusters_validation": h["val_clusters"]},
+                        path=out / "training.png")
+        files.append("training.png")
     with atomic_path(out / "model.pt") as tmp:
         torch.save({"state_dict": model.state_dict(), "config": model.config, "settings": settings}, tmp)
     result["environment"] = _environment()
-    result["files"] = ["metrics.json", "model.pt", "prior_samples.png"]
+    result["files"] = files
     _write_json(out / "metrics.json", result)
     s = result["scores"]
     print(

@@ -17,6 +17,7 @@ Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes
 - ``markers.csv`` and ``markers.png``: marker genes of every VMM cluster (scvi-tools' ``change``-mode differential
   expression of the cluster against all other cells, batch-corrected; ``VMMSCVI.cluster_markers``) and their dot
   plot, clusters numbered as in ``mde.png`` (unless ``--no-markers``);
+- ``training.png``: −ELBO (train, validation), the EM loss and the utilized clusters per epoch;
 - ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``).
 
 All outputs are first written into a staging folder inside ``DIR`` and moved into place together only when every
@@ -45,7 +46,8 @@ DEFAULT_MAX_EPOCHS = 100
 #: default EM / VI learning-rate ratio: the Figure-5 sweep's choice on kang_ifnb_2800 (benchmarks/scrna_tuning.py)
 DEFAULT_PRIOR_LR_RATIO = 2.5
 #: files and folders the command writes into --out
-OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "model")
+OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "training.png",
+           "model")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train scVI with a VampPrior Mixture prior on raw counts, then write the AnnData with the latent "
             "(obsm['X_vmm']), the clusters (obs['vmm_cluster'], obsm['vmm_cluster_probs']), metrics.json, the MDE "
             "figure mde.png, the cluster composition figure clusters.png, the clusters' marker genes (markers.csv, "
-            "markers.png) and the saved model/ into --out."
+            "markers.png), the training curves training.png and the saved model/ into --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -368,6 +370,10 @@ def run(args: argparse.Namespace) -> int:
                 markers.to_csv(tmp, index=False)
             if len(markers):
                 marker_dotplot(adata, markers, cluster_key="vmm_cluster", path=staging / "markers.png")
+        if epochs:
+            from pyro_vmm.plotting import training_curves
+
+            training_curves(history, path=staging / "training.png")
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
             adata.write_h5ad(tmp)
