@@ -36,7 +36,7 @@ def test_map_writes_query_latent_clusters_and_transferred_labels(reference_and_q
     ref, query_file = reference_and_query
     out = tmp_path / "query"
     assert main(_map_args(ref, query_file, out)) == 0
-    assert {p.name for p in out.iterdir()} == {"adata.h5ad", "metrics.json", "mde.png", "model"}
+    assert {p.name for p in out.iterdir()} == {"adata.h5ad", "metrics.json", "mde.png", "training.png", "model"}
     assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
 
     query = anndata.read_h5ad(out / "adata.h5ad")

@@ -15,6 +15,7 @@ stay as they are) -> train on the query cells -> write into ``DIR``:
 - ``metrics.json``: settings, sizes, the query's batches, clusters used, ELBOs, runtime and, when the query has the
   labels column too, the accuracy and macro F1 of the transferred labels;
 - ``mde.png``: one MDE of reference and query cells together, coloured by reference/query, label and VMM cluster;
+- ``training.png``: the query training's −ELBO (train, validation) and utilized clusters per epoch;
 - ``model/``: the query model (``VMMSCVI.load("DIR/model", adata)`` with the query cells on the model's genes).
 
 As with ``scrna``, outputs are staged and moved into place together only when all are complete.
@@ -42,7 +43,7 @@ from .scrna import (
 )
 
 #: files and folders the command writes into --out
-OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "model")
+OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "training.png", "model")
 #: reference cells voting for each query cell's label
 N_NEIGHBORS = 15
 
@@ -54,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Reference mapping: train only the new batches' weights of a saved VMM-scVI on the query cells, then "
             "write the query AnnData with the latent, the reference's clusters and (with --labels-key) labels "
-            "transferred from the reference cells, metrics.json, a joint MDE figure and the query model into --out."
+            "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the query model into --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -218,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
                 keys.append(key)
             mde_figure(both, "X_vmm", color_keys=[*keys, "vmm_cluster"], path=staging / "mde.png", seed=args.seed,
                        titles=titles)
+        if model.history.get("elbo_train") is not None:
+            from pyro_vmm.plotting import training_curves
+
+            training_curves(model.history, path=staging / "training.png")
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
             query.write_h5ad(tmp)
