@@ -90,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--other-seeds", type=_seeds, default=[0])
     p.add_argument("--prior-lr-ratio", type=float, default=None, help="override the protocol's prior_lr_ratio")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's maximum number of epochs")
+    p.add_argument("--patience", type=int, default=None, help="override the protocol's early-stopping patience")
     p.add_argument("--batch-size", type=int, default=None, help="override the protocol's batch size")
     p.add_argument("--init-sigma", type=float, default=None, help="override the protocol's initial likelihood sigma")
     p.add_argument("--em-objective", choices=("textbook", "reference"), default=None,
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     proto = dict(PROTOCOLS[args.protocol])
-    for key in ("prior_lr_ratio", "epochs", "batch_size", "init_sigma", "em_objective"):
+    for key in ("prior_lr_ratio", "epochs", "patience", "batch_size", "init_sigma", "em_objective"):
         if getattr(args, key) is not None:
             proto[key] = getattr(args, key)
     if args.protocol == "digits":
