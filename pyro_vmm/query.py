@@ -6,7 +6,9 @@ the new batch columns in the first layer of the encoder :math:`q_\phi(z \mid x, 
 only parameters trained on the query.  Everything else is frozen: the other network weights, the per-gene
 dispersion, the BatchNorm statistics and the whole VMM prior (no EM step), so the query cells are assigned to the
 reference's clusters, :math:`q(c \mid z)` with the reference's :math:`\pi, m_k, S_k, P_k`.  The pseudo-inputs keep
-their batch vectors (the new batches get weight 0 in their softmax), so the prior is unchanged.
+their batch vectors (the new batches get weight 0 in their softmax), so the prior is unchanged.  Query training runs
+in training mode (BatchNorm normalises with minibatch statistics; its running statistics stay the reference's).  A
+saved query model is frozen the same way again when ``VMMSCVI.load`` reads it back.
 
 >>> query_model = VMMSCVI.load_query_data(query_adata, reference_model)
 >>> query_model.train(max_epochs=100, seed=0)
