@@ -130,8 +130,8 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_one(task: tuple[dict, str, int, bool]) -> dict:
-    """Train and score one (method, seed) of the table; prints its row as JSON."""
+def run_one(task: tuple[dict, str, int, bool]) -> tuple[dict, int]:
+    """Train and score one (method, seed) of the table; prints its row as JSON; returns it and the images used."""
     settings, data_dir, threads, progress = task
     torch.set_num_threads(threads)
     train, val = load_split(settings["dataset"], data_dir, settings["subset"], settings["seed"], download=False)
@@ -140,7 +140,7 @@ def run_one(task: tuple[dict, str, int, bool]) -> dict:
                epochs_run=result["history"]["epochs_run"], stop_reason=result["history"]["stop_reason"],
                train_seconds=result["train_seconds"])
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    return {**row, "n_images": len(train) + len(val)}
+    return row, len(train) + len(val)
 
 
 def main(argv=None) -> int:
@@ -173,12 +173,11 @@ def main(argv=None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            rows = list(pool.map(run_one, tasks))
+            done = list(pool.map(run_one, tasks))
     else:
-        rows = [run_one(task) for task in tasks]
-    n_images = rows[0].pop("n_images") if rows else 0
-    for row in rows:
-        row.pop("n_images", None)
+        done = [run_one(task) for task in tasks]
+    rows = [row for row, _ in done]
+    n_images = done[0][1] if done else 0
     summary = summarise(rows)
     table = format_table(summary)
     print()

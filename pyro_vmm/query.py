@@ -47,6 +47,11 @@ def _column_mask_hook(columns: torch.Tensor):
     return hook
 
 
+def _first_layer_weights(module) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """The weights of the first encoder and first decoder layers: the ones whose columns include the batch one-hot."""
+    return module.encoder.fc_layers[0][0].weight, module.decoder.px_decoder.fc_layers[0][0].weight
+
+
 def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) -> Any:
     """Build the query model of ``reference_model`` for ``adata`` (see the module docstring); returns a ``cls``.
 
@@ -102,10 +107,8 @@ def load_query_data(cls, adata, reference_model, freeze_batchnorm: bool = True) 
     g = module.n_input
 
     # the reference's parameters, widened where the batch one-hot grew
-    enc_first = module.encoder.fc_layers[0][0].weight
-    dec_first = module.decoder.px_decoder.fc_layers[0][0].weight
     names = {id(p): name for name, p in module.named_parameters()}
-    first_layers = {names[id(enc_first)], names[id(dec_first)]}
+    first_layers = {names[id(w)] for w in _first_layer_weights(module)}
     old_state = ref_module.state_dict()
     state = module.state_dict()
     for key, value in state.items():
@@ -138,11 +141,9 @@ def freeze_for_query(model) -> None:
     module = model.module
     g, d = module.n_input, module.n_latent
     new_codes = torch.arange(len(model.reference_batches_), module.n_batch)
-    enc_first = module.encoder.fc_layers[0][0].weight
-    dec_first = module.decoder.px_decoder.fc_layers[0][0].weight
     for p in module.parameters():
         p.requires_grad_(False)
-    for weight, offset in ((enc_first, g), (dec_first, d)):
+    for weight, offset in zip(_first_layer_weights(module), (g, d), strict=True):
         weight.requires_grad_(True)
         weight.register_hook(_column_mask_hook(offset + new_codes))
     if getattr(model, "query_freeze_batchnorm_", True):

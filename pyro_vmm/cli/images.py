@@ -7,9 +7,10 @@
 ``images`` writes ``metrics.json`` (clustering scores on every image used, training history, settings),
 ``model.pt`` (``state_dict`` + model config) and ``prior_samples.png`` (paper Figure 2 layout, one row per utilized
 cluster sorted by pi: the cluster's most probable member, then ``round(10 pi_k / max pi)`` decoded draws from its
-predictive component) and ``training.png`` (−ELBO, EM loss and utilized clusters per epoch).  ``images-sweep`` trains one model per batch size (and seed) and writes ``sweep.json`` and
-``sweep.png`` (utilized clusters and unmerged NMI against batch size, paper Figure 1).  Labels are used only for
-the reported scores, never for training or early stopping.
+predictive component) and ``training.png`` (−ELBO, EM loss and utilized clusters per epoch).  ``images-sweep``
+trains one model per batch size (and seed) and writes ``sweep.json`` and ``sweep.png`` (utilized clusters and
+unmerged NMI against batch size, paper Figure 1).  Labels are used only for the reported scores, never for training
+or early stopping.
 """
 
 from __future__ import annotations

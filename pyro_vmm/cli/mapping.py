@@ -55,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Reference mapping: train only the new batches' weights of a saved VMM-scVI on the query cells, then "
             "write the query AnnData with the latent, the reference's clusters and (with --labels-key) labels "
-            "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the query model into --out."
+            "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the "
+            "query model into --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
