@@ -41,6 +41,7 @@ All parameters live in this ``nn.Module`` (no global Pyro param store).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import pyro
@@ -385,6 +386,42 @@ class VMMSCVIModule(PyroBaseModuleClass):
                 batch = own if code is None else torch.full_like(own, int(code))
                 rho = rho + self.decoder("gene", z, log_library, batch)[0]
         return (rho / len(batch_codes)).reshape(n_samples, b, -1)
+
+    @torch.no_grad()
+    def log_weights(self, x: Tensor, batch_index: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
+        r"""Importance log-weights :math:`\log w_s = \log p(x \mid z_s, \ell, s) + \log p(z_s) - \log q(z_s \mid x, s)`
+        and the log-likelihood terms :math:`\log p(x \mid z_s, \ell, s)`, both ``(n_samples, B)``, for
+        :math:`z_s \sim q(z \mid x, s)`; :math:`p(z)` is the model's prior (for the VMM the marginal mixture).
+        Networks in eval mode."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        b = x.shape[0]
+        with eval_mode(self):
+            q = self.encode(x, batch_index)
+            z = q.rsample((n_samples,))  # (S, B, D); the draws Pyro's guide would make from the same seed
+            library = x.sum(-1, keepdim=True).repeat(n_samples, 1)
+            batch_rep = batch_index.reshape(-1, 1).repeat(n_samples, 1)
+            px = self.likelihood(z.reshape(n_samples * b, -1), library, batch_rep)
+            log_px = px.log_prob(x.repeat(n_samples, 1)).reshape(n_samples, b)
+            log_pz = self.prior.latent_dist(self.pseudo_posterior).log_prob(z)
+            return log_px + log_pz - q.log_prob(z), log_px
+
+    @torch.no_grad()
+    def marginal_ll(
+        self, x: Tensor, batch_index: Tensor, n_samples: int = 1000, n_samples_per_pass: int = 100
+    ) -> Tensor:
+        r"""Importance-sampled :math:`\log p(x \mid \ell, s) \approx \operatorname{LSE}_{s=1}^S \log w_s - \log S`
+        per cell, shape ``(B,)`` (the IWAE bound of Burda et al.: below :math:`\log p(x)` in expectation, rising to
+        it with :math:`S`; :math:`S = 1` is a one-sample ELBO).  ``n_samples_per_pass`` draws at a time bound the
+        memory (``n_samples_per_pass x B x G`` likelihood terms)."""
+        if n_samples < 1 or n_samples_per_pass < 1:
+            raise ValueError(
+                f"need n_samples >= 1 and n_samples_per_pass >= 1, got {n_samples} and {n_samples_per_pass}"
+            )
+        parts = []
+        for start in range(0, n_samples, n_samples_per_pass):
+            parts.append(self.log_weights(x, batch_index, min(n_samples_per_pass, n_samples - start))[0])
+        return torch.logsumexp(torch.cat(parts), 0) - math.log(n_samples)
 
     @torch.no_grad()
     def posterior_predictive(self, x: Tensor, batch_index: Tensor, n_samples: int = 1) -> Tensor:

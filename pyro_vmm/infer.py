@@ -47,6 +47,16 @@ def _frozen(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@contextmanager
+def _validation(enabled: bool | None) -> Iterator[None]:
+    """``pyro.validation_enabled(enabled)``, or nothing at all for ``None`` (the caller's setting stands)."""
+    if enabled is None:
+        yield
+        return
+    with pyro.validation_enabled(enabled):
+        yield
+
+
 def _empty_guide(*args, **kwargs) -> None:
     """The EM step has no guide: ``z`` is observed data and ``c`` is enumerated in the model."""
 
@@ -91,6 +101,11 @@ class AlternatingSVI:
         Build the two Adam optimisers (turn off when an outer loop, e.g. Lightning, owns them).
     validate_em
         Run Pyro's distribution validation in the EM step (off by default: it is library code, and costly).
+    validate_vi
+        Pyro's distribution validation in the VI step and :meth:`evaluate_loss`: ``None`` (default) leaves Pyro's
+        global setting (on unless switched off), ``True``/``False`` force it.  Validation checks every site's
+        parameters and values (e.g. that a ``scale_tril`` is lower-triangular with a positive diagonal) on every
+        step; it changes no number, only the time (about 15 % of an MNIST step at batch 512).
     """
 
     def __init__(
@@ -105,6 +120,7 @@ class AlternatingSVI:
         attach_responsibilities: bool = False,
         make_optimizers: bool = True,
         validate_em: bool = False,
+        validate_vi: bool | None = None,
     ) -> None:
         prior = getattr(module, "prior", None)
         if not isinstance(prior, LatentPrior):
@@ -119,6 +135,7 @@ class AlternatingSVI:
         self.latent_site = latent_site
         self.attach_responsibilities = attach_responsibilities
         self.validate_em = validate_em
+        self.validate_vi = validate_vi
         self.elbo = elbo if elbo is not None else TraceMeanField_ELBO()
         self.em_elbo = TraceEnum_ELBO(max_plate_nesting=1)
         self.optimizers = self.build_optimizers() if make_optimizers else None
@@ -152,7 +169,7 @@ class AlternatingSVI:
         The graph is built with the EM parameters frozen (``requires_grad=False``): the VI step never updates them,
         so their gradients (for the VMM a backward pass through the encoder into the pseudo-inputs) are not computed.
         """
-        with _frozen(self.em_parameters()):
+        with _frozen(self.em_parameters()), _validation(self.validate_vi):
             return self.elbo.differentiable_loss(self.module.model, self.module.guide, *args, **kwargs)
 
     def em_loss(self, *args, **kwargs) -> torch.Tensor:

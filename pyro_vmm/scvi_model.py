@@ -577,15 +577,73 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         """Number of distinct cluster assignments over the cells of ``adata``."""
         return int(np.unique(self.get_cluster_assignments(adata)).size)
 
-    def get_elbo(self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None) -> float:
-        """Mean per-cell negative ELBO (networks in eval mode; one Monte Carlo sample), like scvi-tools'."""
+    def get_elbo(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        r"""The ELBO :math:`\mathbb E_q[\log p(x \mid z)] - \mathrm{KL}(q(z \mid x) \,\|\, p(z))` per cell (higher is
+        better; networks in eval mode), as scvi-tools' ``get_elbo``.  The mean over cells is the training loss's
+        estimate negated (Pyro's ``TraceMeanField_ELBO``: analytic KL where known); per cell (``return_mean=False``)
+        it is one draw of :math:`\log p(x \mid z) + \log p(z) - \log q(z \mid x)`.  ``model.history["elbo_train"]`` /
+        ``["elbo_validation"]`` hold the negative, the loss.
+        """
         self._check_if_trained(warn=False)
         svi = AlternatingSVI(self.module, make_optimizers=False)
-        total, n = 0.0, 0
+        parts = []
         for x, b in self._minibatches(adata, indices, batch_size):
-            total += svi.evaluate_loss(x, b) * x.shape[0]
-            n += x.shape[0]
-        return total / n
+            if return_mean:
+                parts.append(np.full(x.shape[0], -svi.evaluate_loss(x, b)))
+            else:
+                with torch.no_grad():
+                    log_w = self.module.log_weights(x, b, 1)[0][0]  # log p(x|z) + log p(z) - log q(z|x)
+                parts.append(log_w.cpu().numpy())
+        values = np.concatenate(parts)
+        return float(values.mean()) if return_mean else values
+
+    def get_marginal_ll(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        n_mc_samples_per_pass: int = 100,
+    ) -> float | np.ndarray:
+        r"""Importance-sampled marginal log-likelihood :math:`\log p(x_n \mid \ell_n, s_n)` per cell, as
+        scvi-tools' ``get_marginal_ll`` (higher is better): :math:`\operatorname{LSE}_s \log w_{ns} - \log S` with
+        :math:`w_{ns} = p(x_n \mid z_{ns})\, p(z_{ns}) / q(z_{ns} \mid x_n)`, :math:`z_{ns} \sim q(z \mid x_n)`,
+        :math:`S` = ``n_mc_samples``; :math:`p(z)` is the model's prior (VMM: the marginal mixture).  Unlike the
+        ELBO it compares priors on the evidence itself.  Returns the mean over cells, or ``(n_cells,)`` values.
+        """
+        self._check_if_trained(warn=False)
+        with torch.inference_mode():
+            parts = [
+                self.module.marginal_ll(x, b, n_mc_samples, n_mc_samples_per_pass).cpu().numpy()
+                for x, b in self._minibatches(adata, indices, batch_size)
+            ]
+        values = np.concatenate(parts)
+        return float(values.mean()) if return_mean else values
+
+    def get_reconstruction_error(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> dict[str, float | np.ndarray]:
+        r"""``{"reconstruction_loss": -log p(x_n | z_n, l_n, s_n)}`` at one draw :math:`z_n \sim q(z \mid x_n)`,
+        networks in eval mode, as scvi-tools' ``get_reconstruction_error``; the mean over cells, or per cell."""
+        self._check_if_trained(warn=False)
+        with torch.inference_mode():
+            parts = [
+                -self.module.log_weights(x, b, 1)[1][0].cpu().numpy()
+                for x, b in self._minibatches(adata, indices, batch_size)
+            ]
+        values = np.concatenate(parts)
+        return {"reconstruction_loss": float(values.mean()) if return_mean else values}
 
     def posterior_predictive_sample(
         self,

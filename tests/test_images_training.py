@@ -185,3 +185,44 @@ def test_guard_rolls_back_nan_steps_lowers_the_lr_and_gives_up_after_max_retries
     with pytest.raises(NonFiniteError, match="4 times in a row"):
         fit_minibatches(module, torch.zeros(8, 2), None, cfg, step, lambda b: 1.0, guard=guard)
     assert math.isfinite(float(module.w))
+
+
+def _three_blobs(n: int = 90) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.rand(3, 10, generator=g) * 2 - 1
+    labels = torch.arange(n) % 3
+    return (centers[labels] + 0.05 * torch.randn(n, 10, generator=g)).clamp(-1, 1), labels
+
+
+def test_distribution_validation_changes_no_number():
+    """Training skips Pyro's distribution checks by default; with them on, every weight and loss is the same."""
+    x, _ = _three_blobs()
+
+    def run(validate: bool):
+        set_seed(2)
+        vae = ImageVAE.from_data(x, prior="vmm", n_components=6, n_latent=2, hidden=(16, 16, 16))
+        cfg = TrainingConfig(epochs=2, batch_size=30, lr=1e-2, patience=None, progress=False, seed=2,
+                             validate_distributions=validate)
+        return vae, train_image_model(vae, x, cfg)
+
+    (a, ha), (b, hb) = run(True), run(False)
+    assert ha.to_dict() | {"seconds": 0} == hb.to_dict() | {"seconds": 0}
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_validate_vi_forces_or_leaves_pyro_validation():
+    import pyro
+
+    from pyro_vmm.infer import AlternatingSVI
+
+    x, _ = _three_blobs(12)
+    x[0, 0] = math.nan  # caught by the checks (a site's parameters or value), silent without them
+    vae = ImageVAE.from_data(x.nan_to_num(), prior="vmm", n_components=4, n_latent=2, hidden=(8, 8, 8))
+    with pyro.validation_enabled(False), pytest.raises(ValueError):
+        AlternatingSVI(vae, validate_vi=True).vi_loss(x)
+    with pyro.validation_enabled(True):
+        assert math.isnan(float(AlternatingSVI(vae, validate_vi=False).vi_loss(x)))
+        with pytest.raises(ValueError):
+            AlternatingSVI(vae).vi_loss(x)  # None: Pyro's global setting stands
+    with pyro.validation_enabled(False):
+        assert math.isnan(float(AlternatingSVI(vae).vi_loss(x)))

@@ -7,6 +7,8 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -36,6 +38,7 @@ def test_readme_vmmscvi_example_runs(tmp_path, monkeypatch, shared_data):
     adata, markers, de = scope["adata"], scope["markers"], scope["de"]
     assert adata.obsm["X_vmm"].shape == (adata.n_obs, 10) and scope["probs"].shape == (adata.n_obs, 10)
     assert scope["expr"].shape == adata.shape and {"cluster", "gene", "lfc_mean"} <= set(markers.columns)
+    assert np.isfinite(scope["log_px"]) and scope["log_px"] < 0  # a log-probability of counts
     assert "lfc_mean" in de.columns and (tmp_path / "runs" / "my_model" / "model.pt").is_file()
 
 

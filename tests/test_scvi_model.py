@@ -543,3 +543,57 @@ def test_a_second_train_call_trains_in_training_mode(small_adata):
     modes = Modes()
     model.train(max_epochs=1, seed=0, callbacks=[modes], **TRAIN)
     assert modes.seen and all(modes.seen)
+
+
+# ------------------------------------------------------------------------------------ evidence: marginal log-likelihood
+def test_log_weights_equal_pyro_model_and_guide_traces(trained_vmm):
+    """log w = log p(x|z) + log p(z) - log q(z|x) per cell, computed by Pyro from the model and guide programs."""
+    from pyro import poutine
+
+    from pyro_vmm.utils import eval_mode
+
+    module = trained_vmm.module
+    x, b = next(trained_vmm._minibatches(batch_size=50))
+    torch.manual_seed(7)
+    log_w, log_px = module.log_weights(x, b, 1)
+    torch.manual_seed(7)
+    with torch.no_grad(), eval_mode(module):
+        guide = poutine.trace(module.guide).get_trace(x, b)
+        model = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(x, b)
+    guide.compute_log_prob()
+    model.compute_log_prob()
+    site = {name: tr.nodes[name]["unscaled_log_prob"] for name, tr in (("x", model), ("z", guide))}
+    expected = site["x"] + model.nodes["z"]["unscaled_log_prob"] - site["z"]
+    assert log_w.shape == (1, 50)
+    torch.testing.assert_close(log_w[0], expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(log_px[0], site["x"], rtol=1e-5, atol=1e-3)
+    # the prior term is the VMM mixture, not N(0, I)
+    standard = dist.Normal(0.0, 1.0).expand([module.n_latent]).to_event(1)
+    assert not torch.allclose(model.nodes["z"]["unscaled_log_prob"], standard.log_prob(model.nodes["z"]["value"]))
+
+
+def test_marginal_ll_is_the_iwae_estimate_and_rises_with_samples(trained_vmm):
+    model, module = trained_vmm, trained_vmm.module
+    x, b = next(model._minibatches(batch_size=40))
+    torch.manual_seed(3)
+    log_w = module.log_weights(x, b, 64)[0]
+    torch.manual_seed(3)
+    iwae = module.marginal_ll(x, b, n_samples=64, n_samples_per_pass=64)
+    torch.testing.assert_close(iwae, torch.logsumexp(log_w, 0) - np.log(64), rtol=1e-6, atol=1e-4)
+    assert (iwae >= log_w.mean(0) - 1e-4).all()  # Jensen, cell by cell
+    torch.manual_seed(0)
+    per_cell = model.get_marginal_ll(n_mc_samples=200, n_mc_samples_per_pass=30, return_mean=False, batch_size=128)
+    one = np.mean([model.get_marginal_ll(n_mc_samples=1) for _ in range(5)])  # a one-sample ELBO per cell
+    assert per_cell.shape == (model.adata.n_obs,) and np.isfinite(per_cell).all()
+    assert per_cell.mean() > one + 1.0  # the IWAE bound tightens well above the ELBO
+    assert one == pytest.approx(model.get_elbo(), abs=1.0)  # S = 1 is the ELBO (Pyro's estimate; MC noise ~0.2)
+    elbo_cells = model.get_elbo(return_mean=False)  # scvi-tools' sign: the ELBO, below log p(x) (higher is better)
+    assert elbo_cells.shape == (model.adata.n_obs,) and elbo_cells.mean() == pytest.approx(one, abs=1.0)
+    assert model.get_elbo() < per_cell.mean() < 0
+    idx = np.array([3, 0, 9])
+    assert model.get_marginal_ll(indices=idx, n_mc_samples=10, return_mean=False).shape == (3,)
+    rec = model.get_reconstruction_error(return_mean=False)["reconstruction_loss"]
+    assert rec.shape == (model.adata.n_obs,) and (rec > 0).all()
+    assert model.get_reconstruction_error()["reconstruction_loss"] < -one  # -E log p(x|z) < -ELBO: the KL is > 0
+    with pytest.raises(ValueError, match="n_samples"):
+        module.marginal_ll(x, b, n_samples=0)

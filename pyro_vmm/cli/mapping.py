@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         "share_in_reference_clusters": (float(np.isin(assign, ref_clusters).mean()) if ref_clusters is not None
                                         else None),
         "label_transfer": None,
-        "elbo": {"train_final": last_value(model.history, "elbo_train"), "all_cells": float(model.get_elbo())},
+        "elbo": {"train_final": last_value(model.history, "elbo_train"), "all_cells": -float(model.get_elbo())},
         "runtime_s": {"train": train_s},
         "environment": environment(model),
     }

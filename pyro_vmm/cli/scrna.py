@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         "elbo": {
             "train_final": last_value(history, "elbo_train"),
             "validation_final": last_value(history, "elbo_validation"),
-            "all_cells": float(model.get_elbo()),
+            "all_cells": -float(model.get_elbo()),  # -ELBO per cell, like the others
         },
         "epochs_trained": epochs,
         "runtime_s": {"train": train_s, "per_epoch": train_s / epochs if epochs else None},
