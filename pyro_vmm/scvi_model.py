@@ -706,13 +706,17 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         return adata
 
     @classmethod
-    def load_query_data(cls, adata, reference_model: VMMSCVI, freeze_batchnorm: bool = True) -> VMMSCVI:
+    def load_query_data(
+        cls, adata, reference_model: VMMSCVI, freeze_batchnorm: bool = True, train_encoder: bool | None = None
+    ) -> VMMSCVI:
         """Reference mapping (scArches-style): a copy of ``reference_model`` for the cells of ``adata``, whose only
         trainable parameters are the weights of the query's new batches; the prior is frozen, so :meth:`train` fits
         those weights and the query cells get the reference's clusters.  See :mod:`pyro_vmm.query`."""
         from .query import load_query_data
 
-        return load_query_data(cls, adata, reference_model, freeze_batchnorm=freeze_batchnorm)
+        return load_query_data(
+            cls, adata, reference_model, freeze_batchnorm=freeze_batchnorm, train_encoder=train_encoder
+        )
 
     @classmethod
     def load(cls, dir_path: str, adata=None, *args, prefix: str | None = None, **kwargs):
