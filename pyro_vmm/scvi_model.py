@@ -590,18 +590,15 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         it is one draw of :math:`\log p(x \mid z) + \log p(z) - \log q(z \mid x)`.  ``model.history["elbo_train"]`` /
         ``["elbo_validation"]`` hold the negative, the loss.
         """
+        if not return_mean:  # log p(x|z) + log p(z) - log q(z|x) at one draw per cell
+            return self._collect(lambda x, b: self.module.log_weights(x, b, 1)[0][0], adata, indices, batch_size)
         self._check_if_trained(warn=False)
         svi = AlternatingSVI(self.module, make_optimizers=False)
-        parts = []
+        total, n = 0.0, 0
         for x, b in self._minibatches(adata, indices, batch_size):
-            if return_mean:
-                parts.append(np.full(x.shape[0], -svi.evaluate_loss(x, b)))
-            else:
-                with torch.no_grad():
-                    log_w = self.module.log_weights(x, b, 1)[0][0]  # log p(x|z) + log p(z) - log q(z|x)
-                parts.append(log_w.cpu().numpy())
-        values = np.concatenate(parts)
-        return float(values.mean()) if return_mean else values
+            total -= svi.evaluate_loss(x, b) * x.shape[0]
+            n += x.shape[0]
+        return total / n
 
     def get_marginal_ll(
         self,
@@ -618,13 +615,9 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         :math:`S` = ``n_mc_samples``; :math:`p(z)` is the model's prior (VMM: the marginal mixture).  Unlike the
         ELBO it compares priors on the evidence itself.  Returns the mean over cells, or ``(n_cells,)`` values.
         """
-        self._check_if_trained(warn=False)
-        with torch.inference_mode():
-            parts = [
-                self.module.marginal_ll(x, b, n_mc_samples, n_mc_samples_per_pass).cpu().numpy()
-                for x, b in self._minibatches(adata, indices, batch_size)
-            ]
-        values = np.concatenate(parts)
+        values = self._collect(
+            lambda x, b: self.module.marginal_ll(x, b, n_mc_samples, n_mc_samples_per_pass), adata, indices, batch_size
+        )
         return float(values.mean()) if return_mean else values
 
     def get_reconstruction_error(
@@ -636,13 +629,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
     ) -> dict[str, float | np.ndarray]:
         r"""``{"reconstruction_loss": -log p(x_n | z_n, l_n, s_n)}`` at one draw :math:`z_n \sim q(z \mid x_n)`,
         networks in eval mode, as scvi-tools' ``get_reconstruction_error``; the mean over cells, or per cell."""
-        self._check_if_trained(warn=False)
-        with torch.inference_mode():
-            parts = [
-                -self.module.log_weights(x, b, 1)[1][0].cpu().numpy()
-                for x, b in self._minibatches(adata, indices, batch_size)
-            ]
-        values = np.concatenate(parts)
+        values = self._collect(lambda x, b: -self.module.log_weights(x, b, 1)[1][0], adata, indices, batch_size)
         return {"reconstruction_loss": float(values.mean()) if return_mean else values}
 
     def posterior_predictive_sample(
