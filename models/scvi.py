@@ -387,6 +387,14 @@ class VMMSCVIModule(PyroBaseModuleClass):
                 rho = rho + self.decoder("gene", z, log_library, batch)[0]
         return (rho / len(batch_codes)).reshape(n_samples, b, -1)
 
+    def _likelihood_per_draw(self, z: Tensor, x: Tensor, batch_index: Tensor) -> dist.TorchDistribution:
+        r""":math:`p(x \mid z_s, \ell, s)` for draws ``z`` ``(S, B, D)`` of the cells ``x`` ``(B, G)``, flattened to batch
+        shape ``(S * B,)`` (draw-major: row ``s * B + n`` is cell ``n``'s draw ``s``)."""
+        n_samples = z.shape[0]
+        library = x.sum(-1, keepdim=True).repeat(n_samples, 1)
+        batch_rep = batch_index.reshape(-1, 1).repeat(n_samples, 1)
+        return self.likelihood(z.reshape(n_samples * x.shape[0], -1), library, batch_rep)
+
     @torch.no_grad()
     def log_weights(self, x: Tensor, batch_index: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
         r"""Importance log-weights :math:`\log w_s = \log p(x \mid z_s, \ell, s) + \log p(z_s) - \log q(z_s \mid x, s)`
@@ -399,9 +407,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         with eval_mode(self):
             q = self.encode(x, batch_index)
             z = q.rsample((n_samples,))  # (S, B, D); the draws Pyro's guide would make from the same seed
-            library = x.sum(-1, keepdim=True).repeat(n_samples, 1)
-            batch_rep = batch_index.reshape(-1, 1).repeat(n_samples, 1)
-            px = self.likelihood(z.reshape(n_samples * b, -1), library, batch_rep)
+            px = self._likelihood_per_draw(z, x, batch_index)
             log_px = px.log_prob(x.repeat(n_samples, 1)).reshape(n_samples, b)
             log_pz = self.prior.latent_dist(self.pseudo_posterior).log_prob(z)
             return log_px + log_pz - q.log_prob(z), log_px
@@ -433,7 +439,5 @@ class VMMSCVIModule(PyroBaseModuleClass):
         b = x.shape[0]
         with eval_mode(self):
             z = self.encode(x, batch_index).sample((n_samples,))  # (S, B, D)
-            library = x.sum(-1, keepdim=True).repeat(n_samples, 1)
-            batch_rep = batch_index.reshape(-1, 1).repeat(n_samples, 1)
-            x_rep = self.likelihood(z.reshape(n_samples * b, -1), library, batch_rep).sample()
+            x_rep = self._likelihood_per_draw(z, x, batch_index).sample()
         return x_rep.reshape(n_samples, b, -1).permute(1, 2, 0)

@@ -169,6 +169,5 @@ def freeze_for_query(model) -> None:
     if getattr(model, "query_freeze_batchnorm_", True):
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm1d):
-                m.momentum = 0.0
-                m.register_forward_pre_hook(_normalise_with_reference_statistics)
+                m.register_forward_pre_hook(_normalise_with_reference_statistics)  # running statistics never move
     module.frozen_prior = True  # read by VMMTrainingPlan: no EM step
