@@ -1,9 +1,12 @@
 r"""Training loop and clustering evaluation for the image models (``models/vae.py``, ``models/vade.py``).
 
 Training (:func:`train_image_model`): shuffled minibatches, one :class:`~pyro_vmm.AlternatingSVI` step per
-minibatch (VI step, then the EM step for the GMM/VMM), early stopping on the **validation negative ELBO** of a
-held-out part of the *training images* (labels are never looked at) with best-weight restore.  The reference code
-early-stops on the NMI of the test split, i.e. on test labels; we do not.
+minibatch (VI step, then the EM step for the GMM/VMM), early stopping with best-weight restore on one of
+
+* ``monitor="elbo"`` (default): the **validation negative ELBO** of held-out images -- labels are never looked at;
+* ``monitor="nmi"``: the paper's criterion (the reference code's ``PerformanceMonitor(monitor='val_nmi')``), the
+  unmerged NMI between the validation images' labels and their argmax clusters under one posterior draw.  This
+  uses the validation labels to pick the epoch (label leakage, as in the paper); report it as such.
 
 Evaluation (paper protocol): one posterior sample :math:`z_n \sim q(z \mid x_n)` per image (or the posterior mean),
 responsibilities :math:`q(c = k \mid z_n)` from the prior, then :func:`pyro_vmm.metrics.clustering_scores`.
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .guard import NonFiniteGuard, guarded_step
 from .infer import AlternatingSVI
-from .metrics import ClusteringScores, clustering_scores
+from .metrics import ClusteringScores, clustering_scores, nmi_unmerged
 from .utils import eval_mode, resolve_device, set_seed
 
 __all__ = [
@@ -35,10 +38,14 @@ __all__ = [
     "evaluate_clustering",
     "fit_minibatches",
     "latent_representation",
+    "nmi_monitor",
     "split_validation",
     "train_image_model",
     "train_vade",
 ]
+
+
+MONITORS = ("elbo", "nmi")
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,10 @@ class TrainingConfig:
     batch_size: int = 256
     lr: float = 1e-3
     prior_lr_ratio: float = 1.0
-    patience: int | None = 20  #: epochs without a better validation loss before stopping; None: never stop early
+    patience: int | None = 20  #: epochs without a better validation criterion before stopping; None: never stop early
+    #: early-stopping criterion: "elbo" (validation -ELBO, label-free) or "nmi" (the paper's validation NMI-u; needs
+    #: the validation labels)
+    monitor: str = "elbo"
     val_fraction: float = 0.1  #: share of the training images held out for the validation ELBO
     seed: int = 0
     device: str = "auto"
@@ -69,6 +79,8 @@ class TrainingConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
 
 
 @dataclass
@@ -79,6 +91,8 @@ class TrainingHistory:
     em_loss: list[float | None] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)  #: -ELBO of the validation images
     val_clusters: list[int] = field(default_factory=list)  #: distinct argmax clusters on the validation images
+    val_nmi: list[float] = field(default_factory=list)  #: validation NMI-u per epoch (``monitor="nmi"`` only)
+    monitor: str = "elbo"  #: the early-stopping criterion that chose ``best_epoch``
     pretrain_loss: list[float] = field(default_factory=list)  #: VaDE pre-training losses (other models: empty)
     best_epoch: int = -1  #: 0-based epoch whose weights were kept
     stop_reason: str = "max_epochs"  #: 'max_epochs' | 'early_stopping' | 'non_finite_loss'
@@ -128,13 +142,16 @@ def fit_minibatches(
     val_loss: Callable[[Tensor], float],
     desc: str = "train",
     guard: NonFiniteGuard | None = None,
+    val_score: Callable[[], float] | None = None,
 ) -> TrainingHistory:
     """The epoch loop shared by every image model.
 
     ``step(batch) -> (loss, em_loss)`` updates the parameters on one minibatch; ``val_loss(batch)`` returns the
     per-image validation loss without updating anything.  Early stopping watches ``val_loss`` over ``x_val``
     (evaluated with a fixed random stream, so successive epochs are compared on the same Monte Carlo noise) and the
-    weights of the best epoch are restored at the end.
+    weights of the best epoch are restored at the end.  With ``val_score`` (higher is better, e.g. the validation
+    NMI of :func:`nmi_monitor`; evaluated under the same fixed stream) early stopping watches it instead, and the
+    validation loss is only recorded.
 
     With ``guard`` (a :class:`~pyro_vmm.guard.NonFiniteGuard` over the module and the optimisers ``step`` uses),
     each step runs under :func:`~pyro_vmm.guard.guarded_step`: a non-finite step is rolled back, the learning rates
@@ -142,7 +159,7 @@ def fit_minibatches(
     :class:`~pyro_vmm.guard.NonFiniteError`.  Without it, a non-finite training loss (divergence) ends training with
     ``stop_reason = 'non_finite_loss'`` and the best weights so far.
     """
-    history = TrainingHistory()
+    history = TrainingHistory(monitor="elbo" if val_score is None else "nmi")
     device = x_train.device
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     n = x_train.shape[0]
@@ -198,10 +215,16 @@ def fit_minibatches(
                 torch.manual_seed(config.seed + 1)
                 vloss = _mean_over_chunks(val_loss, x_val, config.eval_batch_size)
                 history.val_clusters.append(_utilized(module, x_val, config.eval_batch_size))
+                criterion = vloss
+                if val_score is not None:
+                    history.val_nmi.append(val_score())
+                    criterion = -history.val_nmi[-1]
             history.val_loss.append(vloss)
             postfix.update(val=f"{vloss:.2f}", clusters=history.val_clusters[-1])
-            if vloss < best_loss:
-                best_loss, bad_epochs, history.best_epoch = vloss, 0, epoch
+            if val_score is not None:
+                postfix.update(nmi=f"{history.val_nmi[-1]:.3f}")
+            if criterion < best_loss:
+                best_loss, bad_epochs, history.best_epoch = criterion, 0, epoch
                 best_state = copy.deepcopy(module.state_dict())
             else:
                 bad_epochs += 1
@@ -248,13 +271,15 @@ def train_image_model(
     x: Tensor,
     config: TrainingConfig = TrainingConfig(),
     x_val: Tensor | None = None,
+    y_val: Tensor | np.ndarray | None = None,
 ) -> TrainingHistory:
     """Fit an :class:`~pyro_vmm.models.vae.ImageVAE` (any prior) with :class:`~pyro_vmm.AlternatingSVI`.
 
     ``x`` (N, P) are training images in [-1, 1].  Without ``x_val``, ``config.val_fraction`` of ``x`` is held out
-    for early stopping.  The module is moved to ``config.device`` and left there, in eval mode, with the weights of
-    the best validation epoch.
+    for early stopping.  ``y_val`` (the labels of ``x_val``) is needed by ``config.monitor="nmi"`` only.  The module
+    is moved to ``config.device`` and left there, in eval mode, with the weights of the best validation epoch.
     """
+    _check_monitor(module, config, x_val, y_val)
     device, x, x_val = _prepare(module, x, x_val, config)
     svi = AlternatingSVI(
         module,
@@ -270,8 +295,43 @@ def train_image_model(
 
     guard = _guard(module, svi.optimizers, config)
     return fit_minibatches(
-        module, x, x_val, config, step, svi.evaluate_loss, desc=f"{module.prior.name}", guard=guard
+        module, x, x_val, config, step, svi.evaluate_loss, desc=f"{module.prior.name}", guard=guard,
+        val_score=nmi_monitor(module, x_val, y_val, config) if config.monitor == "nmi" else None,
     )
+
+
+def _check_monitor(module: torch.nn.Module, config: TrainingConfig, x_val, y_val) -> None:
+    """Clear errors for ``monitor="nmi"`` without what it needs."""
+    if config.monitor != "nmi":
+        return
+    if x_val is None or y_val is None:
+        raise ValueError(
+            "monitor='nmi' early-stops on the validation images' NMI, so it needs x_val and y_val (their labels); "
+            "pass both, or use monitor='elbo' (label-free)"
+        )
+    if len(y_val) != x_val.shape[0]:
+        raise ValueError(f"y_val has {len(y_val)} labels for {x_val.shape[0]} validation images")
+    if module.prior.n_components < 2:
+        raise ValueError(f"monitor='nmi' needs a mixture prior; the {module.prior.name!r} prior has one component")
+
+
+def nmi_monitor(
+    module: torch.nn.Module, x_val: Tensor, y_val: Tensor | np.ndarray, config: TrainingConfig
+) -> Callable[[], float]:
+    """The paper's early-stopping score: unmerged NMI of ``y_val`` and argmax clusters of one draw per image.
+
+    The draws are seeded (``config.seed + 2``), so successive epochs are scored on the same noise.  The reference
+    averages per-minibatch NMIs over the validation set; this scores the whole set at once.
+    """
+    labels = np.asarray(y_val.cpu() if isinstance(y_val, Tensor) else y_val)
+
+    def score() -> float:
+        probs = cluster_probabilities(
+            module, x_val, sample=True, batch_size=config.eval_batch_size, seed=config.seed + 2
+        )
+        return nmi_unmerged(probs.argmax(1), labels)
+
+    return score
 
 
 def _guard(module: torch.nn.Module, optimizers, config: TrainingConfig) -> NonFiniteGuard | None:
@@ -285,20 +345,22 @@ def train_vade(
     x_val: Tensor | None = None,
     pretrain_epochs: int | None = None,
     pretrain_lr: float = 2e-3,
+    y_val: Tensor | np.ndarray | None = None,
 ) -> TrainingHistory:
-    """Fit :class:`~pyro_vmm.models.vade.VaDE` as the reference does (facts 3.5), without label-based stopping.
+    """Fit :class:`~pyro_vmm.models.vade.VaDE` as the reference does (facts 3.5).
 
     1. pre-train encoder/decoder on the reconstruction term only for ``pretrain_epochs`` (default
        ``round(5 B / 100)``) at ``pretrain_lr``;
     2. fit ``sklearn.mixture.GaussianMixture(K, covariance_type='full', reg_covar=1e-3)`` to one posterior draw of
        the training images and copy it into the prior;
     3. optimise VaDE's ELBO over *all* parameters (networks and GMM) with one Adam optimiser at ``config.lr``,
-       early-stopping on the validation ELBO.
+       early-stopping on ``config.monitor`` (the validation ELBO by default; the reference: validation NMI).
 
     The returned history covers step 3; ``history.pretrain_loss`` holds step 1's per-epoch losses.
     """
     from sklearn.mixture import GaussianMixture
 
+    _check_monitor(module, config, x_val, y_val)
     device, x, x_val = _prepare(module, x, x_val, config)
     n_pre = round(5 * config.batch_size / 100) if pretrain_epochs is None else int(pretrain_epochs)
 
@@ -338,7 +400,10 @@ def train_vade(
     module.init_from_gaussian_mixture(gmm)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=1e-7)
     guard = _guard(module, optimizer, config)
-    history = fit_minibatches(module, x, x_val, config, make_step(optimizer, 1.0), val_loss, desc="vade", guard=guard)
+    score = nmi_monitor(module, x_val, y_val, config) if config.monitor == "nmi" else None
+    history = fit_minibatches(
+        module, x, x_val, config, make_step(optimizer, 1.0), val_loss, desc="vade", guard=guard, val_score=score
+    )
     history.pretrain_loss = pre_history.train_loss
     return history
 

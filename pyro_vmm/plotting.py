@@ -415,6 +415,7 @@ TRAINING_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("−ELBO per datum (VI loss)", ("elbo_train", "elbo_validation")),
     ("EM loss (MAP objective)", ("em_loss_train",)),
     ("utilized clusters", ("utilized_clusters_train", "utilized_clusters_validation")),
+    ("NMI-unmerged (early-stopping criterion)", ("nmi_validation",)),
 )
 
 

@@ -37,6 +37,16 @@ def test_images_end_to_end(prior, tmp_path, capsys):
     assert "utilized clusters" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("prior", ["vmm", "vade"])
+def test_images_monitor_nmi_records_the_criterion(prior, tmp_path):
+    out = tmp_path / prior
+    args = ["images", "--prior", prior, *TINY, "--epochs", "3", "--n-clusters", "8", "--monitor", "nmi"]
+    assert main([*args, "--out", str(out)]) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history["monitor"] == "nmi" and len(history["val_nmi"]) == 3
+    assert history["best_epoch"] == max(range(3), key=history["val_nmi"].__getitem__)
+
+
 def test_saved_model_reloads_and_reproduces_its_scores(tmp_path):
     from pyro_vmm.cli.images import build_model, load_split
     from pyro_vmm.image_training import evaluate_clustering
@@ -71,4 +81,5 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert main(["images", *TINY, "--epochs", "0", "--out", str(tmp_path / "o")]) == 2
     assert main(["images", *TINY, "--n-clusters", "0", "--out", str(tmp_path / "o")]) == 2
     assert main(["images-sweep", *TINY, "--n-seeds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert main(["images", "--prior", "normal", *TINY, "--monitor", "nmi", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()  # nothing is written when the run fails

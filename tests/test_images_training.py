@@ -226,3 +226,53 @@ def test_validate_vi_forces_or_leaves_pyro_validation():
             AlternatingSVI(vae).vi_loss(x)  # None: Pyro's global setting stands
     with pyro.validation_enabled(False):
         assert math.isnan(float(AlternatingSVI(vae).vi_loss(x)))
+
+
+def test_val_score_drives_early_stopping_and_the_loss_is_only_recorded():
+    module, step, val = _scripted([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+    scores = iter([0.2, 0.6, 0.5, 0.4, 0.55, 0.3])
+    cfg = TrainingConfig(epochs=20, batch_size=8, patience=3, progress=False, eval_batch_size=8)
+    hist = fit_minibatches(
+        module, torch.zeros(8, 2), torch.zeros(8, 2), cfg, step, val, val_score=lambda: next(scores)
+    )
+    # the loss improves every epoch, but the score peaks at epoch index 1 and stays below it for 3 epochs
+    assert (hist.monitor, hist.stop_reason, hist.epochs_run, hist.best_epoch) == ("nmi", "early_stopping", 5, 1)
+    assert float(module.w) == 2.0 and hist.val_nmi == [0.2, 0.6, 0.5, 0.4, 0.55]
+    assert hist.val_loss == [5.0, 4.0, 3.0, 2.0, 1.0]
+
+
+def _blobs(n=90, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(k, 10, generator=g) * 2 - 1
+    labels = torch.arange(n) % k
+    return (centers[labels] + 0.05 * torch.randn(n, 10, generator=g)).clamp(-1, 1), labels
+
+
+def test_nmi_monitor_keeps_the_epoch_with_the_best_validation_nmi():
+    x, _ = _blobs(150)
+    xv, yv = _blobs(30, seed=1)
+    set_seed(1)
+    vae = ImageVAE.from_data(x, prior="vmm", n_components=6, n_latent=2, hidden=(16, 16, 16))
+    cfg = TrainingConfig(epochs=8, batch_size=30, lr=3e-3, patience=None, progress=False, seed=1, monitor="nmi")
+    hist = train_image_model(vae, x, cfg, x_val=xv, y_val=yv)
+    assert hist.monitor == "nmi" and len(hist.val_nmi) == 8 and len(hist.val_loss) == 8
+    assert hist.best_epoch == int(np.argmax(hist.val_nmi)) < 7  # an earlier epoch than the last is restored
+    # the restored weights give the recorded score again (the monitor's draws are seeded)
+    from pyro_vmm.image_training import nmi_monitor
+
+    assert nmi_monitor(vae, xv, yv, cfg)() == pytest.approx(max(hist.val_nmi))
+
+
+def test_nmi_monitor_errors_name_the_fix():
+    x, y = _blobs()
+    vae = ImageVAE.from_data(x, prior="vmm", n_components=6, n_latent=2, hidden=(16, 16, 16))
+    cfg = TrainingConfig(epochs=1, batch_size=30, progress=False, monitor="nmi")
+    with pytest.raises(ValueError, match="needs x_val and y_val"):
+        train_image_model(vae, x, cfg)
+    with pytest.raises(ValueError, match="29 labels for 30"):
+        train_image_model(vae, x, cfg, x_val=x[:30], y_val=y[:29])
+    normal = ImageVAE.from_data(x, prior="normal", n_latent=2, hidden=(16, 16, 16))
+    with pytest.raises(ValueError, match="mixture prior"):
+        train_image_model(normal, x, cfg, x_val=x[:30], y_val=y[:30])
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        TrainingConfig(monitor="accuracy")
