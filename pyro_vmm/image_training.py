@@ -279,8 +279,8 @@ def train_image_model(
     for early stopping.  ``y_val`` (the labels of ``x_val``) is needed by ``config.monitor="nmi"`` only.  The module
     is moved to ``config.device`` and left there, in eval mode, with the weights of the best validation epoch.
     """
-    _check_monitor(module, config, x_val, y_val)
     device, x, x_val = _prepare(module, x, x_val, config)
+    val_score = _val_score(module, config, x_val, y_val)
     svi = AlternatingSVI(
         module,
         lr=config.lr,
@@ -296,15 +296,16 @@ def train_image_model(
     guard = _guard(module, svi.optimizers, config)
     return fit_minibatches(
         module, x, x_val, config, step, svi.evaluate_loss, desc=f"{module.prior.name}", guard=guard,
-        val_score=nmi_monitor(module, x_val, y_val, config) if config.monitor == "nmi" else None,
+        val_score=val_score,
     )
 
 
-def _check_monitor(module: torch.nn.Module, config: TrainingConfig, x_val, y_val) -> None:
-    """Clear errors for ``monitor="nmi"`` without what it needs."""
+def _val_score(module: torch.nn.Module, config: TrainingConfig, x_val, y_val) -> Callable[[], float] | None:
+    """The early-stopping score for ``config.monitor`` (None: the validation loss), with clear errors for
+    ``monitor="nmi"`` without what it needs."""
     if config.monitor != "nmi":
-        return
-    if x_val is None or y_val is None:
+        return None
+    if y_val is None:
         raise ValueError(
             "monitor='nmi' early-stops on the validation images' NMI, so it needs x_val and y_val (their labels); "
             "pass both, or use monitor='elbo' (label-free)"
@@ -313,6 +314,7 @@ def _check_monitor(module: torch.nn.Module, config: TrainingConfig, x_val, y_val
         raise ValueError(f"y_val has {len(y_val)} labels for {x_val.shape[0]} validation images")
     if module.prior.n_components < 2:
         raise ValueError(f"monitor='nmi' needs a mixture prior; the {module.prior.name!r} prior has one component")
+    return nmi_monitor(module, x_val, y_val, config)
 
 
 def nmi_monitor(
@@ -360,8 +362,8 @@ def train_vade(
     """
     from sklearn.mixture import GaussianMixture
 
-    _check_monitor(module, config, x_val, y_val)
     device, x, x_val = _prepare(module, x, x_val, config)
+    score = _val_score(module, config, x_val, y_val)
     n_pre = round(5 * config.batch_size / 100) if pretrain_epochs is None else int(pretrain_epochs)
 
     def make_step(optimizer: torch.optim.Optimizer, kl_weight: float):
@@ -400,7 +402,6 @@ def train_vade(
     module.init_from_gaussian_mixture(gmm)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, eps=1e-7)
     guard = _guard(module, optimizer, config)
-    score = nmi_monitor(module, x_val, y_val, config) if config.monitor == "nmi" else None
     history = fit_minibatches(
         module, x, x_val, config, make_step(optimizer, 1.0), val_loss, desc="vade", guard=guard, val_score=score
     )
