@@ -158,6 +158,8 @@ def run_fingerprint(adata, adata_manager, splitter, *, seed: int | None, batch_s
     from scvi import REGISTRY_KEYS
 
     batch_state = adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)
+    block = getattr(splitter, "block_size", None)
+    blocks = {} if block in (None, 1) else {"block_size": int(block)}  # the shuffle of a streamed run
     return {
         "var_names": [str(g) for g in adata.var_names],
         "n_obs": int(adata.n_obs),
@@ -170,6 +172,7 @@ def run_fingerprint(adata, adata_manager, splitter, *, seed: int | None, batch_s
         },
         "seed": seed,
         "batch_size": int(batch_size),
+        **blocks,
     }
 
 

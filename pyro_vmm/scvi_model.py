@@ -9,8 +9,9 @@ r"""``VMMSCVI``: scVI with a VampPrior Mixture prior, driven like ``scvi.model.S
 
 The Pyro program is :class:`pyro_vmm.models.scvi.VMMSCVIModule`; training alternates one VI step and one EM step per
 minibatch (:class:`pyro_vmm.training_plan.VMMTrainingPlan`).  Minibatches are sliced from the registered count matrix
-held in memory as a tensor (:class:`InMemoryDataSplitter`), with the same train/validation split as scvi-tools'
-``DataSplitter`` (permutation seeded by ``scvi.settings.seed``).
+held in memory as a tensor (:class:`InMemoryDataSplitter`), or read from the file of a backed AnnData (streamed, see
+:mod:`pyro_vmm.backed`), with the same train/validation split as scvi-tools' ``DataSplitter`` (permutation seeded by
+``scvi.settings.seed``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pyro_vmm.models.scvi import VMMSCVIModule
 
+from .backed import BackedMatrix, is_backed
 from .checkpoint import load_checkpoint
 from .expression import ExpressionMixin
 from .infer import AlternatingSVI
@@ -53,13 +55,23 @@ MAX_DENSE_BYTES = 2 * 1024**3
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# In-memory minibatching (no per-step AnnData access)
+# Minibatching from memory, or streamed from a backed file (no per-step AnnData access)
 # ---------------------------------------------------------------------------------------------------------------
-def registered_arrays(adata_manager: AnnDataManager, indices: np.ndarray | None = None):
-    """Registered counts (dense ndarray or CSR) and batch codes ``(N, 1)`` int64, optionally row-subset."""
+def registered_arrays(adata_manager: AnnDataManager, indices: np.ndarray | None = None, stream: bool = False):
+    """Registered counts and batch codes ``(N, 1)`` int64, optionally row-subset.
+
+    Counts come back as a dense ndarray or CSR in memory.  A backed AnnData's CSR or dense ``X`` is read from its
+    file: only the ``indices`` rows when given, or not at all with ``stream=True`` (a :class:`BackedMatrix` is
+    returned, to read minibatches from; ``indices`` then apply to the batch codes only)."""
     counts = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
     batch = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).reshape(-1, 1).astype(np.int64)
-    if hasattr(counts, "to_memory"):  # backed / lazy arrays
+    if is_backed(counts):
+        matrix = BackedMatrix(counts)
+        if stream:
+            return matrix, (batch if indices is None else batch[indices])
+        if indices is not None:
+            return matrix.read_rows(indices), batch[indices]
+    if hasattr(counts, "to_memory"):  # backed CSC / lazy arrays
         counts = counts.to_memory()
     if sp.issparse(counts):
         counts = sp.csr_matrix(counts)
@@ -74,7 +86,9 @@ class CountsDataset(Dataset):
     """Counts and batch codes indexed by a tensor of row positions; returns scvi-tools' minibatch dict.
 
     Counts are a dense float32 tensor (optionally already on the training device) unless that would exceed
-    ``max_dense_bytes``; then a CSR matrix is kept and each minibatch is densified on the fly."""
+    ``max_dense_bytes``; then a CSR matrix is kept and each minibatch is densified on the fly.  ``counts`` may also be
+    a :class:`~pyro_vmm.backed.BackedMatrix` (an on-disk AnnData matrix) with ``rows``, the file rows of this
+    dataset's cells: each minibatch is then read from the file (streamed), and nothing else is held in memory."""
 
     def __init__(
         self,
@@ -82,13 +96,23 @@ class CountsDataset(Dataset):
         batch: np.ndarray,
         device: torch.device | str = "cpu",
         max_dense_bytes: int = MAX_DENSE_BYTES,
+        rows: np.ndarray | None = None,
     ) -> None:
-        n, g = counts.shape
         self.device = torch.device(device)
-        self.dense = n * g * 4 <= max_dense_bytes
+        self.streamed = isinstance(counts, BackedMatrix)
+        if self.streamed:
+            n, g = len(batch), counts.shape[1]
+            self.rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+            if len(self.rows) != n:
+                raise ValueError(f"{len(self.rows)} rows for {n} batch codes")
+        else:
+            n, g = counts.shape
+        self.dense = not self.streamed and n * g * 4 <= max_dense_bytes
         if self.dense:
             array = counts.toarray() if sp.issparse(counts) else counts
             self.counts = torch.as_tensor(np.asarray(array, dtype=np.float32), device=self.device)
+        elif self.streamed:
+            self.counts = counts
         else:
             self.counts = sp.csr_matrix(counts, dtype=np.float32)
         self.batch = torch.as_tensor(batch, dtype=torch.long, device=self.device if self.dense else "cpu")
@@ -101,8 +125,10 @@ class CountsDataset(Dataset):
             idx = idx.to(self.device)
             return {REGISTRY_KEYS.X_KEY: self.counts[idx], REGISTRY_KEYS.BATCH_KEY: self.batch[idx]}
         rows = idx.cpu().numpy()
+        block = self.counts.read_rows(self.rows[rows]) if self.streamed else self.counts[rows]
+        x = block.toarray() if sp.issparse(block) else np.asarray(block)
         return {
-            REGISTRY_KEYS.X_KEY: torch.from_numpy(self.counts[rows].toarray()),
+            REGISTRY_KEYS.X_KEY: torch.from_numpy(np.asarray(x, dtype=np.float32)),
             REGISTRY_KEYS.BATCH_KEY: self.batch[idx.cpu()],
         }
 
@@ -115,15 +141,27 @@ class MinibatchSampler(Sampler):
     ``(seed, e)``, so a run resumed from a checkpoint sees the same minibatches as an uninterrupted one, and the
     global RNG is not touched.  Without ``seed`` the order is drawn from the global torch RNG.
     A trailing minibatch of a single cell is dropped while training (BatchNorm cannot normalise one cell).
+    With ``block_size`` b > 1 the permutation shuffles blocks of b consecutive positions (cells that sit next to each
+    other in the file travel together; a minibatch of B cells is then about B / b contiguous runs, a few reads from
+    disk instead of B); b = 1 is the plain per-cell permutation.
     Under data-parallel training (``torch.distributed`` initialised, e.g. Lightning DDP) rank ``r`` of ``W`` takes
     every ``W``-th cell of the shared permutation, so ranks see disjoint minibatches and run equally many steps."""
 
     def __init__(
-        self, n: int, batch_size: int, shuffle: bool, drop_singleton: bool = False, seed: int | None = None
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_singleton: bool = False,
+        seed: int | None = None,
+        block_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}; e.g. block_size=16")
         self.n, self.batch_size, self.shuffle, self.drop_singleton = int(n), int(batch_size), shuffle, drop_singleton
+        self.block_size = int(block_size)
         self.seed = None if seed is None else int(seed)
         self.epoch = 0
 
@@ -133,10 +171,15 @@ class MinibatchSampler(Sampler):
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        if self.seed is None:
-            return torch.randperm(self.n)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
-        return torch.randperm(self.n, generator=gen)
+        gen = None
+        if self.seed is not None:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        b = self.block_size
+        if b == 1:
+            return torch.randperm(self.n, generator=gen)
+        blocks = torch.randperm(-(-self.n // b), generator=gen)
+        order = (blocks[:, None] * b + torch.arange(b)).reshape(-1)
+        return order[order < self.n]
 
     @staticmethod
     def _replica() -> tuple[int, int]:
@@ -168,9 +211,16 @@ class MinibatchSampler(Sampler):
 
 
 def _loader(
-    dataset: CountsDataset, batch_size: int, shuffle: bool, drop_singleton: bool, seed: int | None = None
+    dataset: CountsDataset,
+    batch_size: int,
+    shuffle: bool,
+    drop_singleton: bool,
+    seed: int | None = None,
+    block_size: int = 1,
 ) -> DataLoader:
-    sampler = MinibatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_singleton=drop_singleton, seed=seed)
+    sampler = MinibatchSampler(
+        len(dataset), batch_size, shuffle=shuffle, drop_singleton=drop_singleton, seed=seed, block_size=block_size
+    )
     # a private generator: otherwise each iter(loader) draws a worker base seed from the global torch RNG, which
     # would make the random stream depend on when loaders are iterated (and break exact resume)
     return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(0))
@@ -182,7 +232,16 @@ class InMemoryDataSplitter(DataSplitter):
     The split is exactly ``DataSplitter``'s (same sizes, same ``scvi.settings.seed`` permutation).  With a CUDA
     accelerator the dense counts are copied to the device once (like ``DeviceBackedDataSplitter``).
     ``shuffle_seed`` makes each epoch's training order a function of ``(shuffle_seed, epoch)``
-    (:class:`MinibatchSampler`)."""
+    (:class:`MinibatchSampler`).
+
+    A backed AnnData (``anndata.read_h5ad(path, backed="r")``, CSR or dense ``X``) is streamed: minibatches are read
+    from the file as training asks for them, and the matrix is never loaded (``stream_backed=False`` loads it once
+    instead: faster, needs the memory).  ``block_size`` sets :class:`MinibatchSampler`'s shuffling of the training
+    cells in blocks of consecutive cells; ``None`` means 1 (per-cell shuffling) in memory and 16 when streaming,
+    where it makes a minibatch a few reads from disk instead of one per cell."""
+
+    #: block size of the training shuffle when streaming from disk and ``block_size`` is not given
+    STREAM_BLOCK_SIZE = 16
 
     def __init__(
         self,
@@ -195,6 +254,8 @@ class InMemoryDataSplitter(DataSplitter):
         device: int | str = "auto",
         max_dense_bytes: int = MAX_DENSE_BYTES,
         shuffle_seed: int | None = None,
+        stream_backed: bool = True,
+        block_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -208,6 +269,8 @@ class InMemoryDataSplitter(DataSplitter):
         self.batch_size = int(batch_size)
         self.max_dense_bytes = max_dense_bytes
         self.shuffle_seed = shuffle_seed
+        self.stream_backed = bool(stream_backed)
+        self.block_size = block_size
         _, _, self.device = parse_device_args(accelerator=accelerator, devices=device, return_device="torch")
         self._sets: dict[str, CountsDataset | None] | None = None
 
@@ -215,18 +278,31 @@ class InMemoryDataSplitter(DataSplitter):
         if self._sets is not None:
             return
         super().setup(stage)
-        counts, batch = registered_arrays(self.adata_manager)
+        counts, batch = registered_arrays(self.adata_manager, stream=self.stream_backed)
         device = self.device if self.device.type != "cpu" else "cpu"
+        self.streamed = isinstance(counts, BackedMatrix)
+        if self.block_size is None:
+            self.block_size = self.STREAM_BLOCK_SIZE if self.streamed else 1
 
         def subset(idx: np.ndarray) -> CountsDataset | None:
             if len(idx) == 0:
                 return None
-            return CountsDataset(counts[np.sort(idx)], batch[np.sort(idx)], device, self.max_dense_bytes)
+            idx = np.sort(idx)
+            if self.streamed:
+                return CountsDataset(counts, batch[idx], rows=idx)
+            return CountsDataset(counts[idx], batch[idx], device, self.max_dense_bytes)
 
         self._sets = {"train": subset(self.train_idx), "val": subset(self.val_idx), "test": subset(self.test_idx)}
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self._sets["train"], self.batch_size, shuffle=True, drop_singleton=True, seed=self.shuffle_seed)
+        return _loader(
+            self._sets["train"],
+            self.batch_size,
+            shuffle=True,
+            drop_singleton=True,
+            seed=self.shuffle_seed,
+            block_size=self.block_size,
+        )
 
     def val_dataloader(self) -> DataLoader | None:
         ds = self._sets["val"]
@@ -429,7 +505,9 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             Extra :class:`~pyro_vmm.training_plan.VMMTrainingPlan` arguments (``adam_eps``,
             ``attach_responsibilities``, ``track_utilized_clusters``, ``fused_adam``, ``validate_distributions``).
         datasplitter_kwargs
-            Extra :class:`InMemoryDataSplitter` arguments.
+            Extra :class:`InMemoryDataSplitter` arguments: ``stream_backed`` (default ``True``: a backed AnnData is
+            read from its file minibatch by minibatch; ``False`` loads it), ``block_size`` (shuffle training cells
+            in blocks of consecutive cells; default 1 in memory, 16 when streaming), ``max_dense_bytes``.
         nan_guard, max_nan_retries
             Non-finite step guard (``plan_kwargs`` take ``nan_lr_factor`` and ``guard_every`` for a cheaper guard).
         checkpoint_dir, checkpoint_every, resume
@@ -541,8 +619,12 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             indices = np.asarray(indices)
             if indices.dtype == bool:
                 indices = np.flatnonzero(indices)
-        counts, batch = registered_arrays(manager, indices)
-        ds = CountsDataset(counts, batch, max_dense_bytes=0 if sp.issparse(counts) else MAX_DENSE_BYTES)
+        counts, batch = registered_arrays(manager, indices, stream=True)
+        if isinstance(counts, BackedMatrix):  # read from the file minibatch by minibatch
+            rows = np.arange(counts.shape[0]) if indices is None else indices
+            ds = CountsDataset(counts, batch, rows=rows)
+        else:
+            ds = CountsDataset(counts, batch, max_dense_bytes=0 if sp.issparse(counts) else MAX_DENSE_BYTES)
         device = self.module.device
         for idx in MinibatchSampler(len(ds), batch_size or settings.batch_size, shuffle=False):
             item = ds[idx]

@@ -1,6 +1,9 @@
 """Worker of tests/test_ddp.py: train VMM-scVI with Lightning DDP on 2 CPU processes (gloo) and save each rank's state.
 
-    python tests/_ddp_train.py OUT_DIR DATA_DIR
+    python tests/_ddp_train.py OUT_DIR DATA_DIR [BACKED_H5AD]
+
+With ``BACKED_H5AD`` (the same cells, written by the test beforehand) each rank opens that file backed and streams its
+minibatches from it.
 
 Lightning re-runs this script for rank 1; each rank writes ``OUT_DIR/rank{r}.pt`` with its final ``state_dict``, the
 initial one, the global step, the cells it trained on and the largest difference of the prior parameters between
@@ -50,7 +53,12 @@ def main() -> None:
     out, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    adata = kang_subset(data_dir / "scrna" / "kang_ifnb_2800.h5ad")
+    if len(sys.argv) > 3:
+        import anndata
+
+        adata = anndata.read_h5ad(sys.argv[3], backed="r")
+    else:
+        adata = kang_subset(data_dir / "scrna" / "kang_ifnb_2800.h5ad")
     VMMSCVI.setup_anndata(adata, batch_key="batch")
     model = VMMSCVI(adata, prior="vmm", seed=0, n_latent=4, n_hidden=32, n_clusters=8)
     init = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
@@ -61,7 +69,7 @@ def main() -> None:
     torch.save(
         {"state": model.module.state_dict(), "init": init, "steps": check.steps, "cells": check.cells,
          "max_prior_gap": check.max_prior_gap, "max_network_gap": check.max_network_gap,
-         "world_size": model.trainer.world_size},
+         "world_size": model.trainer.world_size, "streamed": bool(adata.isbacked)},
         out / f"rank{rank}.pt",
     )
 

@@ -31,16 +31,25 @@ def test_sampler_gives_ranks_disjoint_equal_shares(monkeypatch, n, world, batch_
 
 
 @pytest.mark.slow
-def test_two_process_ddp_keeps_ranks_identical(shared_data, tmp_path):
+@pytest.mark.parametrize("source", ["memory", "streamed"])
+def test_two_process_ddp_keeps_ranks_identical(shared_data, tmp_path, source):
+    """Both ranks end identical, in memory and when each rank streams its minibatches from a backed file."""
+    extra = []
+    if source == "streamed":
+        from _data import kang_subset
+
+        kang_subset(shared_data / "scrna" / "kang_ifnb_2800.h5ad").write_h5ad(tmp_path / "small.h5ad")
+        extra = [str(tmp_path / "small.h5ad")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path), str(shared_data)],
+        [sys.executable, str(WORKER), str(tmp_path), str(shared_data), *extra],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["streamed"] == r1["streamed"] == (source == "streamed")
     # each rank trained on its own half of the ~270 training cells per epoch (2 epochs), in batches of 32
     assert r0["steps"] == r1["steps"] > 0 and sum(r0["cells"]) == sum(r1["cells"])
     assert 2 * 100 < sum(r0["cells"]) < 2 * 150

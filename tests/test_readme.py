@@ -47,3 +47,28 @@ def test_readme_quick_start_commands_are_the_ci_commands():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest -n 2 -q" in text and "python -m pytest -n 2 -q" in ci
     assert "pyro-vmm scrna --data ../shared/data/scrna/kang_ifnb_2800.h5ad" in text
+
+
+def test_readme_backed_example_runs_without_loading_the_matrix(tmp_path, monkeypatch, shared_data):
+    """The larger-than-memory example as written, on a small real file, with 1 epoch and K = 10."""
+    import anndata
+
+    from _data import kang_subset
+
+    code = _block('backed="r"')
+    for old, new in (("max_epochs=10", "max_epochs=1"), ("(adata, seed=0)", "(adata, n_clusters=10, seed=0)")):
+        assert old in code
+        code = code.replace(old, new)
+    kang_subset(shared_data / "scrna" / "kang_ifnb_2800.h5ad").write_h5ad(tmp_path / "atlas.h5ad")
+    monkeypatch.chdir(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backed matrix was loaded into memory")
+
+    probe = anndata.read_h5ad(tmp_path / "atlas.h5ad", backed="r")
+    monkeypatch.setattr(type(probe.X), "to_memory", refuse)  # the class of a backed CSR matrix
+    probe.file.close()
+    scope = {"__name__": "readme"}
+    exec(compile(code, str(README), "exec"), scope)
+    assert scope["adata"].isbacked and scope["z"].shape == (scope["adata"].n_obs, 10)
+    scope["adata"].file.close()

@@ -511,20 +511,6 @@ def test_query_batches_labels_and_counts_are_checked(trained_vmm, small_adata):
         model.get_latent_representation(lognorm)
 
 
-def test_backed_anndata_trains_like_in_memory(small_adata, tmp_path):
-    """An on-disk (backed) AnnData trains to the same latent space as the same data in memory."""
-    path = tmp_path / "small.h5ad"
-    small_adata.write_h5ad(path)
-    latents = []
-    for adata in (anndata.read_h5ad(path, backed="r"), small_adata.copy()):
-        VMMSCVI.setup_anndata(adata, batch_key="batch")
-        model = VMMSCVI(adata, seed=6, **TINY)
-        model.train(max_epochs=2, seed=6, **TRAIN)
-        latents.append(model.get_latent_representation())
-    assert latents[0].shape == (small_adata.n_obs, TINY["n_latent"])
-    np.testing.assert_array_equal(latents[0], latents[1])
-
-
 def test_a_second_train_call_trains_in_training_mode(small_adata):
     """scvi-tools puts the module in eval mode after training (and after load); Lightning >= 2.2 keeps modes as it
     finds them, so continuing to train must switch BatchNorm and dropout back to training behaviour."""
