@@ -5,7 +5,9 @@ Four parts, each optional:
 ``--epochs-table``  per-epoch wall and CPU time and peak RSS growth of VMM-scVI (K = 100) and scvi-tools SCVI on the
     same synthetic counts (``--cells``, default 10k and 100k, x 2000 genes, 2 batches), batch sizes 128 and 1024,
     same networks (1 x 128 hidden, latent 10, ZINB), the two models alternating within one process; the median of
-    ``--epochs`` timed epochs after one warm-up epoch.
+    ``--epochs`` timed epochs after one warm-up epoch.  ``--accelerator gpu`` runs both on the same CUDA device
+    (VMM-scVI copies the dense counts to the device once; SCVI uses scvi-tools' own loader; epochs are timed with
+    the device synchronised at both ends).
 ``--k-table``       the EM step's share of a training step (VI step, z draw + EM step, timed separately on the same
     minibatch) for K in {10, 100, 500} at batch sizes 128 and 1024, and a straight-line fit of step time against K
     (R^2) per batch size.
@@ -88,13 +90,20 @@ def synthetic_counts(n_cells: int, n_genes: int = 2000, n_batches: int = 2, n_ty
     return anndata.AnnData(X=x, obs=obs, var=var)
 
 
+def _device_name(accelerator: str) -> str:
+    """What the epoch table ran on, for the JSON's ``machine`` field."""
+    if accelerator == "gpu" and torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return "CPU only"
+
+
 def _timer():
     from pyro_vmm.callbacks import EpochTimer
 
     return EpochTimer()
 
 
-def fit_scvi(adata, batch_size: int, epochs: int, seed: int):
+def fit_scvi(adata, batch_size: int, epochs: int, seed: int, accelerator: str = "cpu"):
     import scvi
 
     scvi.settings.seed = seed
@@ -104,13 +113,13 @@ def fit_scvi(adata, batch_size: int, epochs: int, seed: int):
                             encode_covariates=True, deeply_inject_covariates=False)
     timer = _timer()
     model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, early_stopping=False,
-                enable_progress_bar=False, check_val_every_n_epoch=10**6, callbacks=[timer],
+                enable_progress_bar=False, check_val_every_n_epoch=10**6, callbacks=[timer], accelerator=accelerator,
                 plan_kwargs=dict(lr=1e-3, n_epochs_kl_warmup=None, weight_decay=0.0, eps=1e-7))
     return timer
 
 
 def fit_vmm(adata, batch_size: int, epochs: int, seed: int, k: int = 100, prior: str = "vmm", copy: bool = True,
-            **train_kwargs):
+            accelerator: str = "cpu", **train_kwargs):
     from pyro_vmm import VMMSCVI
 
     a = adata.copy() if copy and adata.filename is None else adata
@@ -118,7 +127,8 @@ def fit_vmm(adata, batch_size: int, epochs: int, seed: int, k: int = 100, prior:
     model = VMMSCVI(a, prior=prior, n_clusters=k, n_latent=10, n_hidden=128, n_layers=1, seed=seed)
     timer = _timer()
     model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, early_stopping=False,
-                enable_progress_bar=False, check_val_every_n_epoch=10**6, seed=seed, callbacks=[timer], **train_kwargs)
+                enable_progress_bar=False, check_val_every_n_epoch=10**6, seed=seed, callbacks=[timer],
+                accelerator=accelerator, **train_kwargs)
     return timer
 
 
@@ -130,7 +140,7 @@ def epochs_table(args) -> list[dict]:
             for name, fn in (("scvi-tools SCVI", fit_scvi), ("VMM-scVI (K=100)", fit_vmm)):
                 gc.collect()
                 rss0 = peak_rss_gb()
-                timer = fn(adata, bs, args.epochs + 1, args.seed)
+                timer = fn(adata, bs, args.epochs + 1, args.seed, accelerator=args.accelerator)
                 wall, cpu = timer.wall[1:], timer.cpu[1:]
                 rows.append(dict(cells=n, genes=adata.n_vars, batch_size=bs, model=name,
                                  s_per_epoch=statistics.median(wall), cpu_s_per_epoch=statistics.median(cpu),
@@ -342,12 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --backed: load the matrix into memory once instead of streaming it (the old way)")
     p.add_argument("--make-million-data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
+                   help="device of both models in --epochs-table (gpu: the same CUDA device for both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "scale_benchmark.json"))
     args = p.parse_args(argv)
     if args.make_million_data:
         make_million_data(Path(args.make_million_data), args.million_cells, args.seed)
         return 0
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        p.error("--accelerator gpu needs a CUDA device, and torch sees none here; run with --accelerator cpu")
     if not (args.epochs_table or args.k_table or args.million or args.em_breakdown):
         p.error("choose at least one of --epochs-table, --k-table, --million, --em-breakdown")
     torch.set_num_threads(args.threads)
@@ -356,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "scale_benchmark"}
     meta = dict(command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                 date=datetime.date.today().isoformat(),
-                machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU only, {args.threads} torch thread(s)",
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, {_device_name(args.accelerator)}, "
+                        f"{args.threads} torch thread(s)",
                 torch=torch.__version__)
     if args.epochs_table:
         payload["epochs_table"] = dict(meta, rows=epochs_table(args), load_average=os.getloadavg()[0])
