@@ -317,12 +317,16 @@ def million(args) -> dict:
     print(f"read {path} ({'backed' if args.backed else 'in memory'}) in {load_s:.0f} s; peak RSS {peak_rss_gb():.2f} GB",
           flush=True)
     streamed = bool(args.backed and not args.load_backed)
-    timer = fit_vmm(adata, args.million_batch_size, 1, args.seed, copy=False,
-                    datasplitter_kwargs={"stream_backed": not args.load_backed})
+    reading = {"stream_backed": not args.load_backed}
+    if streamed and args.million_workers:
+        reading["num_workers"] = args.million_workers
+    timer = fit_vmm(adata, args.million_batch_size, 1, args.seed, copy=False, datasplitter_kwargs=reading)
     out = dict(cells=int(adata.n_obs), genes=int(adata.n_vars), nnz=nnz, batch_size=args.million_batch_size,
                epoch_s=timer.wall[0], epoch_cpu_s=timer.cpu[0], peak_rss_gb=peak_rss_gb(), backed=bool(args.backed),
-               streamed=streamed, load_s=load_s)
+               streamed=streamed, reader_workers=reading.get("num_workers", 0), load_s=load_s)
     how = "streamed from disk" if streamed else ("backed, loaded once" if args.backed else "in memory")
+    if reading.get("num_workers"):
+        how += f", {reading['num_workers']} reader process(es)"
     print(f"one epoch on {adata.n_obs:,} sparse cells ({how}): {out['epoch_s']:.0f} s, "
           f"peak RSS {out['peak_rss_gb']:.2f} GB")
     return out
@@ -350,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="open the million-cell file backed (on disk): minibatches are streamed from it")
     p.add_argument("--load-backed", action="store_true",
                    help="with --backed: load the matrix into memory once instead of streaming it (the old way)")
+    p.add_argument("--million-workers", type=int, default=0,
+                   help="with --backed: worker processes reading the streamed minibatches ahead (num_workers)")
     p.add_argument("--make-million-data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
@@ -381,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["em_breakdown"] = dict(meta, **em_breakdown(args), load_average=os.getloadavg()[0])
     if args.million:
         key = "million" if not args.backed else ("million_backed" if args.load_backed else "million_streamed")
+        if key == "million_streamed" and args.million_workers:
+            key += f"_{args.million_workers}workers"
         payload[key] = dict(meta, **million(args), load_average=os.getloadavg()[0])
     from pyro_vmm.utils import atomic_path
 

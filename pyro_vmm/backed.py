@@ -8,11 +8,13 @@ requested order.  Minibatches drawn in blocks of consecutive rows
 (:class:`~pyro_vmm.scvi_model.MinibatchSampler` with ``block_size > 1``) therefore cost a few reads each.
 
 The object holds the file name and the dataset's path, not an open handle, when pickled (Lightning's spawned
-data-parallel processes reopen the file); inside one process the file is opened once, read-only.
+data-parallel processes, DataLoader workers), and a forked process opens its own handle (HDF5 handles must not
+cross a fork); inside one process the file is opened once, read-only.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -55,17 +57,21 @@ class BackedMatrix:
         self.max_gap = int(max_gap)
         self._handle: Any = None
         self._data: Any = None
+        self._pid: int | None = None
 
     # an open h5py file cannot be pickled: reopen in the receiving process
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None, "_data": None}
+        return {**self.__dict__, "_handle": None, "_data": None, "_pid": None}
 
     def _dataset(self) -> Any:
         """The dense h5py dataset, or ``(data, indices, indptr)`` of the CSR group (anndata's on-disk format) with
         ``indptr`` read into memory (8 bytes per row) so that a run of rows costs two reads."""
+        if self._data is not None and self._pid != os.getpid():  # forked: the parent's handle is not ours to use
+            self._handle = self._data = None
         if self._data is None:
             import h5py
 
+            self._pid = os.getpid()
             self._handle = h5py.File(self.filename, "r")
             node = self._handle[self.key]
             self._data = (node["data"], node["indices"], node["indptr"][:]) if isinstance(node, h5py.Group) else node

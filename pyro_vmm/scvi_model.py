@@ -217,13 +217,23 @@ def _loader(
     drop_singleton: bool,
     seed: int | None = None,
     block_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     sampler = MinibatchSampler(
         len(dataset), batch_size, shuffle=shuffle, drop_singleton=drop_singleton, seed=seed, block_size=block_size
     )
     # a private generator: otherwise each iter(loader) draws a worker base seed from the global torch RNG, which
     # would make the random stream depend on when loaders are iterated (and break exact resume)
-    return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(0))
+    workers = {"num_workers": num_workers, "persistent_workers": True} if num_workers else {}
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        generator=torch.Generator().manual_seed(0),
+        pin_memory=pin_memory,
+        **workers,
+    )
 
 
 class InMemoryDataSplitter(DataSplitter):
@@ -238,7 +248,9 @@ class InMemoryDataSplitter(DataSplitter):
     from the file as training asks for them, and the matrix is never loaded (``stream_backed=False`` loads it once
     instead: faster, needs the memory).  ``block_size`` sets :class:`MinibatchSampler`'s shuffling of the training
     cells in blocks of consecutive cells; ``None`` means 1 (per-cell shuffling) in memory and 16 when streaming,
-    where it makes a minibatch a few reads from disk instead of one per cell."""
+    where it makes a minibatch a few reads from disk instead of one per cell.  ``num_workers`` > 0 reads streamed
+    minibatches ahead in that many worker processes (their order and content are unchanged; pinned memory on CUDA);
+    it does nothing for data held in memory, which needs no reading."""
 
     #: block size of the training shuffle when streaming from disk and ``block_size`` is not given
     STREAM_BLOCK_SIZE = 16
@@ -256,6 +268,7 @@ class InMemoryDataSplitter(DataSplitter):
         shuffle_seed: int | None = None,
         stream_backed: bool = True,
         block_size: int | None = None,
+        num_workers: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -271,6 +284,9 @@ class InMemoryDataSplitter(DataSplitter):
         self.shuffle_seed = shuffle_seed
         self.stream_backed = bool(stream_backed)
         self.block_size = block_size
+        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}; e.g. num_workers=2")
+        self.num_workers = int(num_workers)
         _, _, self.device = parse_device_args(accelerator=accelerator, devices=device, return_device="torch")
         self._sets: dict[str, CountsDataset | None] | None = None
 
@@ -294,6 +310,12 @@ class InMemoryDataSplitter(DataSplitter):
 
         self._sets = {"train": subset(self.train_idx), "val": subset(self.val_idx), "test": subset(self.test_idx)}
 
+    def _reading(self) -> dict:
+        """Worker and pinning arguments of the loaders: only streamed data is read ahead."""
+        if not self.streamed:
+            return {}
+        return {"num_workers": self.num_workers, "pin_memory": self.device.type == "cuda"}
+
     def train_dataloader(self) -> DataLoader:
         return _loader(
             self._sets["train"],
@@ -302,15 +324,20 @@ class InMemoryDataSplitter(DataSplitter):
             drop_singleton=True,
             seed=self.shuffle_seed,
             block_size=self.block_size,
+            **self._reading(),
         )
 
     def val_dataloader(self) -> DataLoader | None:
         ds = self._sets["val"]
-        return None if ds is None else _loader(ds, self.batch_size, shuffle=False, drop_singleton=False)
+        if ds is None:
+            return None
+        return _loader(ds, self.batch_size, shuffle=False, drop_singleton=False, **self._reading())
 
     def test_dataloader(self) -> DataLoader | None:
         ds = self._sets["test"]
-        return None if ds is None else _loader(ds, self.batch_size, shuffle=False, drop_singleton=False)
+        if ds is None:
+            return None
+        return _loader(ds, self.batch_size, shuffle=False, drop_singleton=False, **self._reading())
 
 
 def _data_parallel(trainer_kwargs: dict) -> bool:
@@ -507,7 +534,8 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         datasplitter_kwargs
             Extra :class:`InMemoryDataSplitter` arguments: ``stream_backed`` (default ``True``: a backed AnnData is
             read from its file minibatch by minibatch; ``False`` loads it), ``block_size`` (shuffle training cells
-            in blocks of consecutive cells; default 1 in memory, 16 when streaming), ``max_dense_bytes``.
+            in blocks of consecutive cells; default 1 in memory, 16 when streaming), ``num_workers`` (processes
+            reading streamed minibatches ahead; default 0), ``max_dense_bytes``.
         nan_guard, max_nan_retries
             Non-finite step guard (``plan_kwargs`` take ``nan_lr_factor`` and ``guard_every`` for a cheaper guard).
         checkpoint_dir, checkpoint_every, resume

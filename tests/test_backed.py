@@ -170,3 +170,40 @@ def test_stream_backed_false_loads_once_and_trains_alike(small_adata, tmp_path):
         np.testing.assert_array_equal(z_loaded, z_memory)
     finally:
         backed.file.close()
+
+
+def test_reading_ahead_in_workers_changes_nothing(small_adata, tmp_path):
+    """Streamed minibatches read by 2 worker processes give the same training as reading them in the main process;
+    the file handle of a forked worker is its own."""
+    path = tmp_path / "small.h5ad"
+    small_adata.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        z_main, _ = _train_latent(backed)
+        z_workers, model = _train_latent(backed, num_workers=2)
+        np.testing.assert_array_equal(z_workers, z_main)
+    finally:
+        backed.file.close()
+
+
+def test_a_forked_process_opens_its_own_handle(backed_file):
+    import os
+
+    backed, expected = backed_file
+    matrix = BackedMatrix(backed.X)
+    matrix.read_rows(np.array([0]))
+    parent_handle = matrix._handle
+    matrix._pid = os.getpid() + 1  # as a forked child sees it: opened by another process
+    np.testing.assert_array_equal(_dense(matrix.read_rows(np.array([4, 2]))), expected[[4, 2]])
+    assert matrix._handle is not parent_handle and matrix._pid == os.getpid()
+    parent_handle.close()
+    matrix.close()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_a_bad_num_workers_is_refused(small_adata, bad):
+    a = small_adata.copy()
+    VMMSCVI.setup_anndata(a, batch_key="batch")
+    model = VMMSCVI(a, seed=0, **TINY)
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        model.train(max_epochs=1, seed=0, datasplitter_kwargs={"num_workers": bad}, **TRAIN)
