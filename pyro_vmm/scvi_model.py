@@ -648,9 +648,8 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             if indices.dtype == bool:
                 indices = np.flatnonzero(indices)
         counts, batch = registered_arrays(manager, indices, stream=True)
-        if isinstance(counts, BackedMatrix):  # read from the file minibatch by minibatch
-            rows = np.arange(counts.shape[0]) if indices is None else indices
-            ds = CountsDataset(counts, batch, rows=rows)
+        if isinstance(counts, BackedMatrix):  # read from the file minibatch by minibatch (rows None: all, in order)
+            ds = CountsDataset(counts, batch, rows=indices)
         else:
             ds = CountsDataset(counts, batch, max_dense_bytes=0 if sp.issparse(counts) else MAX_DENSE_BYTES)
         device = self.module.device
