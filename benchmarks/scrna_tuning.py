@@ -104,7 +104,7 @@ def merge(paths: list[str], out: Path, select_by: str | None = None) -> int:
     """Combine sweeps run in parts (e.g. one process per PLR) and select again over all their runs.
 
     Per data set the parts must share the training budget (epochs and steps); a repeated (batch size, PLR, seed)
-    takes the later file's run.  Eligibility and the selection are recomputed from the combined runs, by the sweep's
+    takes the later file's run.  A part may itself be a merged file.  Eligibility and the selection are recomputed from the combined runs, by the sweep's
     own score or by ``select_by`` (any per-run column, e.g. ``nmi_unmerged`` for the model's own clusters).
     """
     import pandas as pd
@@ -115,14 +115,15 @@ def merge(paths: list[str], out: Path, select_by: str | None = None) -> int:
     merged: dict[str, dict] = {}
     for path, part in zip(paths, parts):
         for name, entry in part["datasets"].items():
-            budget = (entry["epochs"], entry["settings"]["steps"], entry["n_labels"], entry["score"])
+            steps = entry["steps"] if "steps" in entry else entry["settings"]["steps"]  # a merged file has "steps"
+            budget = (entry["epochs"], steps, entry["n_labels"], entry["score"])
             slot = merged.setdefault(name, {"budget": budget, "runs": {}, "commands": []})
             if slot["budget"] != budget:
                 raise SystemExit(
                     f"cannot merge {path}: its {name} sweep has (epochs, steps, cell types, score) = {budget}, the "
                     f"earlier files {slot['budget']}; merge only sweeps run with the same --steps"
                 )
-            slot["commands"].append(entry.get("command", part.get("command")))
+            slot["commands"].extend(entry.get("commands") or [entry.get("command", part.get("command"))])
             for row in entry["runs"]:
                 slot["runs"][(row["batch_size"], row["prior_lr_ratio"], row["seed"])] = row
     payload = {k: v for k, v in parts[0].items() if k not in ("datasets", "command")}

@@ -72,3 +72,12 @@ def test_tuning_merge_selects_by_another_column_among_eligible_settings(tmp_path
     # 512 has the best NMI but too few clusters (5 < 13 cell types): the eligible best by NMI is 256
     selected = json.loads(by_nmi.read_text())["datasets"]["kang"]["selected"]
     assert selected == {"batch_size": 256, "prior_lr_ratio": 2.5, "nmi_unmerged": pytest.approx(0.73)}
+    # a merged file merges again with a new part: the runs add up and the commands are kept in order
+    extra = tmp_path / "extra.json"
+    entry2 = {**entry, "runs": [run(256, 2.4, 13, 0.76, 0.71)], "command": "python y"}
+    extra.write_text(json.dumps({"benchmark": "scrna_tuning", "datasets": {"kang": entry2}}))
+    again = tmp_path / "again.json"
+    assert scrna_tuning.merge([str(by_total), str(extra)], again, select_by="nmi_unmerged") == 0
+    kang = json.loads(again.read_text())["datasets"]["kang"]
+    assert len(kang["runs"]) == 4 and kang["commands"] == ["python x", "python y"]
+    assert kang["selected"]["prior_lr_ratio"] == pytest.approx(2.4)
