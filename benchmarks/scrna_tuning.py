@@ -104,8 +104,9 @@ def merge(paths: list[str], out: Path, select_by: str | None = None) -> int:
     """Combine sweeps run in parts (e.g. one process per PLR) and select again over all their runs.
 
     Per data set the parts must share the training budget (epochs and steps); a repeated (batch size, PLR, seed)
-    takes the later file's run.  A part may itself be a merged file.  Eligibility and the selection are recomputed from the combined runs, by the sweep's
-    own score or by ``select_by`` (any per-run column, e.g. ``nmi_unmerged`` for the model's own clusters).
+    takes the later file's run; a part may itself be a merged file.  Eligibility and the selection are recomputed
+    from the combined runs, by the sweep's own score or by ``select_by`` (any per-run column, e.g. ``nmi_unmerged``
+    for the model's own clusters).
     """
     import pandas as pd
 

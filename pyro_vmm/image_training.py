@@ -279,8 +279,9 @@ def train_image_model(
     for early stopping.  ``y_val`` (the labels of ``x_val``) is needed by ``config.monitor="nmi"`` only.  The module
     is moved to ``config.device`` and left there, in eval mode, with the weights of the best validation epoch.
     """
+    given_val = x_val is not None  # y_val labels the caller's x_val, never images held out here
     device, x, x_val = _prepare(module, x, x_val, config)
-    val_score = _val_score(module, config, x_val, y_val)
+    val_score = _val_score(module, config, x_val if given_val else None, y_val)
     svi = AlternatingSVI(
         module,
         lr=config.lr,
@@ -305,7 +306,7 @@ def _val_score(module: torch.nn.Module, config: TrainingConfig, x_val, y_val) ->
     ``monitor="nmi"`` without what it needs."""
     if config.monitor != "nmi":
         return None
-    if y_val is None:
+    if x_val is None or y_val is None:
         raise ValueError(
             "monitor='nmi' early-stops on the validation images' NMI, so it needs x_val and y_val (their labels); "
             "pass both, or use monitor='elbo' (label-free)"
@@ -362,8 +363,9 @@ def train_vade(
     """
     from sklearn.mixture import GaussianMixture
 
+    given_val = x_val is not None
     device, x, x_val = _prepare(module, x, x_val, config)
-    score = _val_score(module, config, x_val, y_val)
+    score = _val_score(module, config, x_val if given_val else None, y_val)
     n_pre = round(5 * config.batch_size / 100) if pretrain_epochs is None else int(pretrain_epochs)
 
     def make_step(optimizer: torch.optim.Optimizer, kl_weight: float):

@@ -269,6 +269,8 @@ def test_nmi_monitor_errors_name_the_fix():
     cfg = TrainingConfig(epochs=1, batch_size=30, progress=False, monitor="nmi")
     with pytest.raises(ValueError, match="needs x_val and y_val"):
         train_image_model(vae, x, cfg)
+    with pytest.raises(ValueError, match="needs x_val and y_val"):  # labels without the images they label
+        train_image_model(vae, x, cfg, y_val=y)
     with pytest.raises(ValueError, match="29 labels for 30"):
         train_image_model(vae, x, cfg, x_val=x[:30], y_val=y[:29])
     normal = ImageVAE.from_data(x, prior="normal", n_latent=2, hidden=(16, 16, 16))
