@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
 
-    Readers never see a half-written file, and a failed write leaves any previous file untouched.
+    Readers never see a half-written file, and a failed write leaves any previous file untouched.  The file gets the
+    permissions a plain ``open(path, "w")`` would give (an existing file's mode, else ``0o666`` less the umask), not
+    the owner-only ``0o600`` of the temporary file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,10 +73,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, _file_mode(target))
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _file_mode(target: Path) -> int:
+    """Permission bits for a file written to ``target``: the existing file's, else ``0o666`` less the umask."""
+    if target.is_file():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def benchmark_header(name: str, argv: list[str]) -> dict[str, str]:

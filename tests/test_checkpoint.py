@@ -292,3 +292,27 @@ def test_sigkill_while_writing_then_resume_matches_an_uninterrupted_run(tmp_path
     set_seed(999)
     resumed = train(toy_vae, run_dir, 4)
     _assert_same_state(resumed, train(toy_vae, tmp_path / "ref", 4))
+
+
+def test_atomic_path_gives_the_permissions_of_a_plain_write_and_keeps_an_existing_files(tmp_path):
+    from pyro_vmm.utils import atomic_path
+
+    (tmp_path / "plain").write_text("x")
+    plain_mode = (tmp_path / "plain").stat().st_mode & 0o777
+    new = tmp_path / "new.json"
+    with atomic_path(new) as tmp:
+        assert tmp.stat().st_mode & 0o777 == 0o600  # the temporary file is private while it is being written
+        tmp.write_text("{}")
+    assert new.read_text() == "{}" and new.stat().st_mode & 0o777 == plain_mode
+
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    os.chmod(kept, 0o640)
+    with atomic_path(kept) as tmp:
+        tmp.write_text("new")
+    assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+
+    with pytest.raises(RuntimeError), atomic_path(kept) as tmp:  # a failed write leaves the old file as it was
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert kept.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "new.json", "plain"]

@@ -87,6 +87,12 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert (out / "mde.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "clusters.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "training.png").read_bytes()[:8] == PNG_MAGIC
+    # outputs get the permissions of any file the user writes (not the temporary file's owner-only 0o600)
+    (tmp_path / "plain").write_text("x")
+    plain_mode = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()} == {
+        p.name: plain_mode for p in out.iterdir() if p.is_file()
+    }
 
     # the saved model reloads on the genes it was trained on and gives the same latent
     from pyro_vmm import VMMSCVI
