@@ -4,12 +4,13 @@ Per minibatch (manual optimisation, two torch Adam optimisers with disjoint para
 
 1. VI step on the networks (and, for ``vampprior``, the pseudo-inputs): zero all gradients,
    ``loss = svi.vi_loss(*args)`` (batch mean of :math:`-\mathrm{ELBO}_n`), backward, VI Adam step;
-2. EM step on the prior parameters (``gmm``/``vmm`` only): zero all gradients, draw :math:`z \sim q(z|x)` with the
-   networks in eval mode and no gradient, ``svi.em_loss_at(z)`` (identical to ``svi.em_loss(*args)``, which does
-   exactly these two things), backward, EM Adam step.
+2. EM step on the prior parameters (``gmm``/``vmm`` only): draw :math:`z \sim q(z|x)` with the networks in eval
+   mode and no gradient, ``svi.em_loss_at(z)`` (identical to ``svi.em_loss(*args)``, which does exactly these two
+   things), backward, EM Adam step.
 
-Gradients are zeroed (set to ``None``) before each backward pass, so neither optimiser sees the other loss's
-gradients.  The EM optimiser is stepped unwrapped, so ``trainer.global_step`` counts minibatches (``max_steps`` means
+Each loss is built with the other step's parameters frozen (``requires_grad=False``), so its backward pass leaves
+gradients on its own parameters only and neither optimiser sees the other loss's gradients; all gradients are set
+to ``None`` before the VI step and after the EM step.  The EM optimiser is stepped unwrapped, so ``trainer.global_step`` counts minibatches (``max_steps`` means
 minibatches), not optimiser steps.  The two optimisers are ``AlternatingSVI.build_optimizers()``'s, rebuilt with
 ``fused=True`` (same update, one kernel; 4x cheaper on CPU) where torch supports it.  No KL warm-up (the paper has
 none).
@@ -255,8 +256,9 @@ class VMMTrainingPlan(pl.LightningModule):
 
         # 2. EM step (prior parameters; networks fixed), same minibatch, updated encoder
         if raw_rest:
+            # no zero_grad here: the VI gradients sit on the networks only, which the EM graph treats as constants
+            # (frozen), and the EM parameters got none in the VI step (frozen there); the EM optimiser steps its own
             em_opt = raw_rest[0]
-            self.module.zero_grad(set_to_none=True)
             z = sample_latent(self.module, *args, latent_site=self.svi.latent_site, **kwargs)
             em_loss, assign = self.svi.em_loss_and_assignments_at(z, assignments=self.track_utilized_clusters)
             self.manual_backward(em_loss)

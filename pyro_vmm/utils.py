@@ -18,16 +18,19 @@ __all__ = ["atomic_path", "benchmark_header", "eval_mode", "inverse_softplus", "
 
 @contextlib.contextmanager
 def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Temporarily put modules in eval mode (BatchNorm running stats, no dropout), restoring their flags after."""
-    states = [[(m, m.training) for m in mod.modules()] for mod in modules]
-    for mod in modules:
-        mod.eval()
+    """Temporarily put modules in eval mode (BatchNorm running stats, no dropout), restoring their flags after.
+
+    The flags are set directly, as ``Module.train(False)`` sets them (one traversal, no ``__setattr__`` hooks: this
+    runs several times per training step)."""
+    subs = [m for mod in modules for m in mod.modules()]
+    flags = [m.training for m in subs]
+    for m in subs:
+        object.__setattr__(m, "training", False)
     try:
         yield
     finally:
-        for group in states:
-            for m, flag in group:
-                m.training = flag
+        for m, flag in zip(subs, flags):
+            object.__setattr__(m, "training", flag)
 
 
 def inverse_softplus(y: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:

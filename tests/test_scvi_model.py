@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -17,9 +18,8 @@ anndata = pytest.importorskip("anndata")
 
 from pyro_vmm.models.scvi import (  # noqa: E402
     PSEUDO_COUNT_FLOOR,
-    NegativeBinomialCounts,
+    GeneCounts,
     VMMSCVIModule,
-    ZeroInflatedNBCounts,
     counts_to_pseudo_inputs,
     inverse_softplus,
 )
@@ -90,57 +90,77 @@ def test_likelihood_equals_scvi_distributions(small_adata, gene_likelihood):
     torch.testing.assert_close(ours, stock.to_event(1).log_prob(x), rtol=1e-5, atol=1e-3)
 
 
-def test_sparse_negative_binomial_matches_pyro_values_and_gradients():
+def _counts_inputs(zero_inflated, dtype=torch.float32, n=30, g=20):
     torch.manual_seed(0)
-    value = torch.poisson(torch.rand(30, 20) * 3.0) * (torch.rand(30, 20) < 0.4)  # mostly zeros, some large
-    value[0, 0] = 250.0
-    theta_raw = torch.randn(20, requires_grad=True)
-    logits = torch.randn(30, 20, requires_grad=True)
-    ours = NegativeBinomialCounts(total_count=theta_raw.exp(), logits=logits).log_prob(value)
-    stock = dist.NegativeBinomial(total_count=theta_raw.exp(), logits=logits).log_prob(value)
-    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-4)
-    g_ours = torch.autograd.grad(ours.sum(), (theta_raw, logits))
-    g_stock = torch.autograd.grad(stock.sum(), (theta_raw, logits))
-    for a, b in zip(g_ours, g_stock):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    value = (torch.poisson(torch.rand(n, g) * 3.0) * (torch.rand(n, g) < 0.4)).to(dtype)
+    value[0, 0] = 250.0  # a large count
+    value[:, 3] = 0.0  # a gene with no count
+    value[2] = 0.0
+    value[2, 5] = 1.0  # a cell with a single count
+    scale_logits = (2 * torch.randn(n, g, dtype=dtype)).requires_grad_()
+    log_library = value.sum(-1, keepdim=True).log().requires_grad_()
+    log_theta = torch.randn(g, dtype=dtype, requires_grad=True)
+    gate = (3 * torch.randn(n, g, dtype=dtype)).requires_grad_() if zero_inflated else None
+    return value, scale_logits, log_library, log_theta, gate
 
 
-def _zinb_inputs(dtype=torch.float32):
-    torch.manual_seed(0)
-    value = (torch.poisson(torch.rand(30, 20) * 3.0) * (torch.rand(30, 20) < 0.4)).to(dtype)
-    value[0, 0] = 250.0
-    theta_raw = torch.randn(20, dtype=dtype, requires_grad=True)
-    logits = (2 * torch.randn(30, 20, dtype=dtype)).requires_grad_()
-    gate = (3 * torch.randn(30, 20, dtype=dtype)).requires_grad_()
-    return value, theta_raw, logits, gate
+def _pyro_counts(scale_logits, log_library, log_theta, gate):
+    """Pyro's stock distributions, built independently of GeneCounts."""
+    mu = log_library.exp() * torch.softmax(scale_logits, -1)
+    logits = torch.log(mu) - log_theta
+    if gate is None:
+        return dist.NegativeBinomial(total_count=log_theta.exp(), logits=logits).to_event(1)
+    return dist.ZeroInflatedNegativeBinomial(total_count=log_theta.exp(), logits=logits, gate_logits=gate).to_event(1)
 
 
-def test_fused_zinb_matches_pyro_values_and_gradients():
-    value, theta_raw, logits, gate = _zinb_inputs()
-    ours = ZeroInflatedNBCounts(NegativeBinomialCounts(total_count=theta_raw.exp(), logits=logits), gate_logits=gate)
-    stock = dist.ZeroInflatedNegativeBinomial(total_count=theta_raw.exp(), logits=logits, gate_logits=gate)
-    lp, ref = ours.log_prob(value), stock.log_prob(value)
+@pytest.mark.parametrize("zero_inflated", [True, False])
+def test_gene_counts_match_pyro_values_and_gradients(zero_inflated):
+    value, *params = _counts_inputs(zero_inflated)
+    inputs = [t for t in params if t is not None]
+    ours = GeneCounts(*params)
+    lp, ref = ours.log_prob(value), _pyro_counts(*params).log_prob(value)
+    assert lp.shape == (30,) and ours.batch_shape == (30,) and ours.event_shape == (20,)
     torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-4)
-    weights = torch.rand(30, 20)  # a non-uniform upstream gradient
-    g_ours = torch.autograd.grad((lp * weights).sum(), (theta_raw, logits, gate))
-    g_stock = torch.autograd.grad((ref * weights).sum(), (theta_raw, logits, gate))
-    for a, b in zip(g_ours, g_stock):
+    weights = torch.rand(30)  # a non-uniform upstream gradient
+    g_ours = torch.autograd.grad((lp * weights).sum(), inputs)
+    g_ref = torch.autograd.grad((ref * weights).sum(), inputs)
+    for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # Pyro's machinery still works: expand keeps the fused log_prob, to_event sums it, sampling is Pyro's
-    expanded = ours.expand((2, 30, 20))
-    assert isinstance(expanded, ZeroInflatedNBCounts)
-    torch.testing.assert_close(expanded.to_event(1).log_prob(value)[1], ref.sum(-1), rtol=1e-5, atol=1e-3)
-    assert ours.sample().shape == (30, 20)
+    # the value-only path (no gradient wanted) and given non-zero indices give the same numbers
+    with torch.no_grad():
+        torch.testing.assert_close(ours.log_prob(value), lp.detach())
+    torch.testing.assert_close(ours.log_prob(value, nonzero=torch.nonzero(value, as_tuple=True)), lp)
+    # Pyro's machinery: expand broadcasts the per-cell densities; sampling is Pyro's
+    torch.testing.assert_close(ours.expand((2, 30)).log_prob(value)[1], lp)
+    assert ours.sample().shape == (30, 20) and ours.sample((3,)).shape == (3, 30, 20)
+    torch.testing.assert_close(ours.mean, _pyro_counts(*params).mean)
 
 
-def test_fused_zinb_gradcheck_float64():
-    value, theta_raw, logits, gate = _zinb_inputs(torch.float64)
+def test_gene_counts_extreme_values_stay_finite():
+    """Gate logits and means far out in the tails: the zero case is a log of a sum of two tiny terms."""
+    value, scale_logits, log_library, log_theta, gate = _counts_inputs(True)
+    with torch.no_grad():
+        gate[:5] = -60.0  # sigma(h) ~ 1e-26
+        scale_logits[:5] = 0.0
+        log_library[:5] = 12.0  # mu ~ 8000 per gene: NB(0) ~ 0
+        log_theta[:] = 3.0
+    lp = GeneCounts(scale_logits, log_library, log_theta, gate).log_prob(value)
+    assert torch.isfinite(lp).all()
+    grads = torch.autograd.grad(lp.sum(), (scale_logits, log_library, log_theta, gate))
+    assert all(torch.isfinite(g).all() for g in grads)
 
-    def f(theta_raw, logits, gate):
-        px = ZeroInflatedNBCounts(NegativeBinomialCounts(total_count=theta_raw.exp(), logits=logits), gate_logits=gate)
-        return px.log_prob(value)
 
-    assert torch.autograd.gradcheck(f, (theta_raw, logits, gate), eps=1e-6, atol=1e-5)
+@pytest.mark.parametrize("zero_inflated", [True, False])
+def test_gene_counts_gradcheck_float64(zero_inflated):
+    value, *params = _counts_inputs(zero_inflated, torch.float64, n=8, g=6)
+    value[0, 0] = 40.0
+    inputs = tuple(t for t in params if t is not None)
+
+    def f(*args):
+        s, log_lib, r = args[:3]
+        return GeneCounts(s, log_lib, r, args[3] if zero_inflated else None).log_prob(value)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
 
 
 def test_pseudo_inputs_start_at_the_cells_counts_with_uniform_batch():
@@ -201,6 +221,42 @@ def test_counts_dataset_dense_and_csr_give_the_same_minibatch(small_adata):
     torch.testing.assert_close(a["X"], b["X"])
     torch.testing.assert_close(a["X"], torch.as_tensor(small_adata.X[[7, 0, 3]].toarray(), dtype=torch.float32))
     torch.testing.assert_close(a["batch"], b["batch"])
+    for mb in (a, b):  # the non-zero positions ride along, as torch.nonzero finds them
+        torch.testing.assert_close(mb["nonzero"], torch.stack(torch.nonzero(mb["X"], as_tuple=True)))
+
+
+def test_minibatch_nonzero_positions_skip_explicit_zeros_and_empty_rows():
+    from scipy import sparse as sp
+
+    from pyro_vmm.scvi_model import CountsDataset
+
+    x = np.array([[0, 2, 0, 1], [0, 0, 0, 0], [5, 0, 0, 3], [0, 0, 7, 0]], dtype=np.float32)
+    stored = sp.csr_matrix(x)
+    stored.data[0] = 0.0  # an explicit zero stored in the CSR matrix
+    dense_in = x.copy()
+    dense_in[0, 1] = 0.0
+    for counts in (stored, dense_in):
+        ds = CountsDataset(counts, np.zeros((4, 1)))
+        for idx in ([3, 1, 0, 2], [1], [2, 2]):
+            mb = ds[torch.tensor(idx)]
+            torch.testing.assert_close(mb["nonzero"], torch.stack(torch.nonzero(mb["X"], as_tuple=True)))
+    args, kwargs = VMMSCVIModule._get_fn_args_from_batch(mb)
+    assert len(args) == 2 and set(kwargs) == {"nonzero"}
+    assert VMMSCVIModule._get_fn_args_from_batch({"X": mb["X"], "batch": mb["batch"]})[1] == {}
+
+
+def test_model_with_given_nonzero_positions_gives_the_same_elbo(small_adata):
+    from pyro.infer import TraceMeanField_ELBO
+
+    x = torch.as_tensor(small_adata.X[:30, :50].toarray(), dtype=torch.float32)
+    batch = torch.as_tensor(small_adata.obs["batch"].cat.codes.to_numpy()[:30].astype(np.int64)).reshape(-1, 1)
+    m = _random_module("zinb")
+    elbo = TraceMeanField_ELBO()
+    losses = []
+    for kwargs in ({}, {"nonzero": torch.nonzero(x, as_tuple=True)}):
+        pyro.set_rng_seed(3)
+        losses.append(elbo.differentiable_loss(m.model, m.guide, x, batch, **kwargs))
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_sampler_drops_a_trailing_single_cell_only_when_asked():
