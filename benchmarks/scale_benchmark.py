@@ -298,6 +298,7 @@ def make_million_data(path: Path, n_cells: int, seed: int) -> None:
     t0 = time.perf_counter()
     adata = synthetic_counts(n_cells, seed=seed)
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # runs/ does not exist on a fresh checkout
     adata.write_h5ad(tmp)
     os.replace(tmp, path)
     print(f"wrote {path}: {adata.n_obs:,} x {adata.n_vars} CSR, {adata.X.nnz / adata.n_obs / adata.n_vars:.1%} non-zero, "
