@@ -45,10 +45,10 @@ from typing import Literal
 
 import pyro
 import pyro.distributions as dist
-from pyro.distributions import constraints
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.distributions import constraints
 from scvi import REGISTRY_KEYS
 from scvi.module.base import PyroBaseModuleClass
 from scvi.nn import DecoderSCVI, FCLayers
@@ -58,12 +58,15 @@ from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode, inverse_softplus
 
 __all__ = [
+    "NONZERO_KEY",
     "GeneCounts",
     "VMMSCVIModule",
     "counts_to_pseudo_inputs",
     "inverse_softplus",
 ]
 
+#: minibatch key of the ``(2, nnz)`` row / column positions of the non-zero counts (row-major order)
+NONZERO_KEY = "nonzero"
 #: floor on the variance of q(z|x) for ``var_activation="exp"`` (scvi-tools' ``var_eps``)
 VAR_EPS = 1e-4
 #: pseudo-input counts are clamped to at least this before the inverse softplus
@@ -200,14 +203,16 @@ class GeneCounts(dist.TorchDistribution):
         log_library: Tensor,
         log_theta: Tensor,
         gate_logits: Tensor | None = None,
+        nonzero: tuple[Tensor, Tensor] | None = None,
         validate_args: bool | None = None,
     ) -> None:
         if scale_logits.dim() != 2:
             raise ValueError(f"scale_logits must be (cells, genes), got shape {tuple(scale_logits.shape)}")
         self.scale_logits, self.log_theta, self.gate_logits = scale_logits, log_theta, gate_logits
         self.log_library = log_library.reshape(-1, 1)
-        #: ``(rows, cols)`` of the non-zero entries of the counts ``log_prob`` will see (``None``: found there)
-        self.nonzero: tuple[Tensor, Tensor] | None = None
+        #: ``(rows, cols)`` of the non-zero entries of the counts ``log_prob`` will see, as ``torch.nonzero(x,
+        #: as_tuple=True)`` gives them, when the caller has them (``None``: ``log_prob`` finds them)
+        self.nonzero = nonzero
         super().__init__(scale_logits.shape[:1], scale_logits.shape[1:], validate_args=validate_args)
 
     @property
@@ -231,15 +236,14 @@ class GeneCounts(dist.TorchDistribution):
         with torch.no_grad():
             return self.stock().sample(sample_shape)
 
-    def log_prob(self, value: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``nonzero`` (or the attribute of that name): ``(rows, cols)`` of the non-zero entries of ``value`` when the
-        caller already has them, as ``torch.nonzero(value, as_tuple=True)`` would give them."""
+    def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
         if value.shape != self.scale_logits.shape:
-            raise ValueError(f"counts of shape {tuple(value.shape)} for a likelihood of {tuple(self.scale_logits.shape)}")
-        nonzero = self.nonzero if nonzero is None else nonzero
-        rows, cols = torch.nonzero(value, as_tuple=True) if nonzero is None else nonzero
+            raise ValueError(
+                f"counts of shape {tuple(value.shape)} for a likelihood of {tuple(self.scale_logits.shape)}"
+            )
+        rows, cols = torch.nonzero(value, as_tuple=True) if self.nonzero is None else self.nonzero
         args = (self.scale_logits, self.log_library, self.log_theta, self.gate_logits, value, rows, cols)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
             return _CountsLogProb.apply(*args)
@@ -377,7 +381,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         """``(x, batch_index), {"nonzero": (rows, cols)}``; the non-zero positions of ``x`` come with minibatches
         of :class:`~pyro_vmm.scvi_model.CountsDataset` (key ``"nonzero"``, shape ``(2, nnz)``), else ``{}``."""
         args = (tensor_dict[REGISTRY_KEYS.X_KEY], tensor_dict[REGISTRY_KEYS.BATCH_KEY])
-        nonzero = tensor_dict.get("nonzero")
+        nonzero = tensor_dict.get(NONZERO_KEY)
         return args, ({} if nonzero is None else {"nonzero": (nonzero[0], nonzero[1])})
 
     @property
@@ -419,12 +423,15 @@ class VMMSCVIModule(PyroBaseModuleClass):
         with eval_mode(self.encoder):
             return self._posterior(torch.cat([torch.log1p(counts), batch], dim=-1))
 
-    def likelihood(self, z: Tensor, library: Tensor, batch_index: Tensor) -> dist.TorchDistribution:
-        r""":math:`p(x \mid z, \ell, s)` with event shape ``(G,)``; ``library`` is :math:`\ell` (counts, ``(B, 1)``)."""
+    def likelihood(
+        self, z: Tensor, library: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
+    ) -> dist.TorchDistribution:
+        r""":math:`p(x \mid z, \ell, s)` with event shape ``(G,)``; ``library`` is :math:`\ell` (counts, ``(B, 1)``);
+        ``nonzero``: the positions of the non-zero counts, when known (see :class:`GeneCounts`)."""
         px = self.decoder.px_decoder(z, batch_index)
         scale_logits = self.decoder.px_scale_decoder[0](px)  # DecoderSCVI's Linear before its Softmax
         gate_logits = self.decoder.px_dropout_decoder(px) if self.gene_likelihood == "zinb" else None
-        return GeneCounts(scale_logits, torch.log(library), self.px_r, gate_logits)
+        return GeneCounts(scale_logits, torch.log(library), self.px_r, gate_logits, nonzero)
 
     # ------------------------------------------------------------------------------------------- Pyro programs
     def model(self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> None:
@@ -434,10 +441,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         library = x.sum(-1, keepdim=True)
         with pyro.plate("data", b), poutine.scale(scale=1.0 / b):
             z = pyro.sample("z", self.prior.latent_dist(self.pseudo_posterior))
-            px = self.likelihood(z, library, batch_index)
-            if nonzero is not None:
-                px.nonzero = nonzero
-            pyro.sample("x", px, obs=x)
+            pyro.sample("x", self.likelihood(z, library, batch_index, nonzero), obs=x)
 
     def guide(self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> None:
         b = x.shape[0]

@@ -37,7 +37,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pyro_vmm.models.scvi import VMMSCVIModule
+from pyro_vmm.models.scvi import NONZERO_KEY, VMMSCVIModule
 
 from .backed import BackedMatrix, is_backed
 from .checkpoint import load_checkpoint
@@ -132,16 +132,10 @@ class CountsDataset(Dataset):
         rows = idx.cpu().numpy()
         block = self.counts.read_rows(self.rows[rows]) if self.streamed else self.counts[rows]
         x = block.toarray() if sp.issparse(block) else np.asarray(block)
-        x = torch.from_numpy(np.asarray(x, dtype=np.float32))
-        return {
-            REGISTRY_KEYS.X_KEY: x,
+        return {  # no "nonzero" key: the likelihood finds the non-zero counts of the densified block itself
+            REGISTRY_KEYS.X_KEY: torch.from_numpy(np.asarray(x, dtype=np.float32)),
             REGISTRY_KEYS.BATCH_KEY: self.batch[idx.cpu()],
-            NONZERO_KEY: torch.stack(torch.nonzero(x, as_tuple=True)),
         }
-
-
-#: minibatch key of the ``(2, nnz)`` row / column positions of the non-zero counts (row-major order)
-NONZERO_KEY = "nonzero"
 
 
 def _row_nonzero_index(counts: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

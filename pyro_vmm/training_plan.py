@@ -10,10 +10,10 @@ Per minibatch (manual optimisation, two torch Adam optimisers with disjoint para
 
 Each loss is built with the other step's parameters frozen (``requires_grad=False``), so its backward pass leaves
 gradients on its own parameters only and neither optimiser sees the other loss's gradients; all gradients are set
-to ``None`` before the VI step and after the EM step.  The EM optimiser is stepped unwrapped, so ``trainer.global_step`` counts minibatches (``max_steps`` means
-minibatches), not optimiser steps.  The two optimisers are ``AlternatingSVI.build_optimizers()``'s, rebuilt with
-``fused=True`` (same update, one kernel; 4x cheaper on CPU) where torch supports it.  No KL warm-up (the paper has
-none).
+to ``None`` before the VI step and after the EM step.  The EM optimiser is stepped unwrapped, so
+``trainer.global_step`` counts minibatches (``max_steps`` means minibatches), not optimiser steps.  The two
+optimisers are ``AlternatingSVI.build_optimizers()``'s, rebuilt with ``fused=True`` (same update, one kernel; 4x
+cheaper on CPU) where torch supports it.  No KL warm-up (the paper has none).
 
 Logged once per epoch, as Python floats: ``elbo_train`` (mean per-cell negative ELBO over the epoch),
 ``em_loss_train`` (mean EM loss) and, on validation epochs, ``elbo_validation`` (networks in eval mode; scvi-tools'
