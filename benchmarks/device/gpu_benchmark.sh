@@ -13,6 +13,8 @@ site=${SITE:-/tmp/site}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${WHEEL_DIR:-.whl}"/*.whl \
     || { echo "installing the carried wheels failed" >&2; exit 1; }
 export PYTHONPATH="$site" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# the image has JAX with its CUDA plugin: should anything import it, it must not take most of the GPU's memory
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # pyro_vmm.models is models/ (pyproject's package-dir); from a plain checkout, put it where the import looks
 [ -e pyro_vmm/models ] || cp -r models pyro_vmm/models
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
