@@ -9,10 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-runs/device}
 mkdir -p "$out"
-site=${SITE:-/tmp/site}
+site=${SITE:-runs/device-site}  # where the wheels are installed (runs/ is git-ignored)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${WHEEL_DIR:-.whl}"/*.whl \
     || { echo "installing the carried wheels failed" >&2; exit 1; }
-export PYTHONPATH="$site" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONPATH="$PWD/$site" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 # the image has JAX with its CUDA plugin: should anything import it, it must not take most of the GPU's memory
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # pyro_vmm.models is models/ (pyproject's package-dir); from a plain checkout, put it where the import looks
