@@ -291,6 +291,11 @@ class VMMSCVIModule(PyroBaseModuleClass):
         \\operatorname{softplus}(h)`).
     pseudo_input_shift
         ``c`` in :math:`\\tilde x = \\operatorname{softplus}(v) - c`; 0 (default) or 1 (the reference code).
+    encode_covariates
+        Give the batch to the encoder too (``True``, the reference code) or only to the decoder (``False``, the
+        default, as ``scvi.model.SCVI``'s default).  Without it the encoder sees expression alone, so the
+        pseudo-inputs are expression profiles (no batch vector) and no mixture component can belong to one batch
+        through its input.
     """
 
     #: True for a query model (:mod:`pyro_vmm.query`): the prior stays as the reference left it, no EM step
@@ -311,6 +316,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         inference: str = "map-dp",
         var_activation: VarActivation = "exp",
         pseudo_input_shift: float = 0.0,
+        encode_covariates: bool = False,
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("zinb", "nb"):
@@ -328,7 +334,8 @@ class VMMSCVIModule(PyroBaseModuleClass):
         self.var_activation = var_activation
         self.pseudo_input_shift = float(pseudo_input_shift)
         #: width of the batch part of the encoder input (scvi-tools drops a 1-level covariate)
-        self.n_batch_input = self.n_batch if self.n_batch > 1 else 0
+        self.encode_covariates = bool(encode_covariates)
+        self.n_batch_input = self.n_batch if self.n_batch > 1 and self.encode_covariates else 0
 
         # q(z | x, s): FCLayers on concat(log1p(x), onehot(s)) -> mean / variance heads (as scvi.nn.Encoder)
         self.encoder = FCLayers(
@@ -372,7 +379,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
                     f"pseudo_inputs has shape {tuple(pseudo_inputs.shape)}, expected (n_clusters, n_genes) = "
                     f"({n_clusters}, {self.n_input})"
                 )
-            raw = counts_to_pseudo_inputs(pseudo_inputs, self.n_batch, self.pseudo_input_shift)
+            raw = counts_to_pseudo_inputs(pseudo_inputs, self.n_batch_input, self.pseudo_input_shift)
         self.prior = build_prior(prior, self.n_latent, n_components=n_clusters, pseudo_inputs=raw, inference=inference)
 
     # ------------------------------------------------------------------------------------------- scvi-tools glue

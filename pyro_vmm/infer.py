@@ -57,6 +57,18 @@ def _validation(enabled: bool | None) -> Iterator[None]:
         yield
 
 
+class _SiteScale(poutine.messenger.Messenger):
+    """Multiply the log-density scale of one sample site (in model and guide alike) by ``factor``."""
+
+    def __init__(self, site: str, factor: float) -> None:
+        super().__init__()
+        self.site, self.factor = site, float(factor)
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and msg["name"] == self.site:
+            msg["scale"] = self.factor * msg["scale"]
+
+
 def _empty_guide(*args, **kwargs) -> None:
     """The EM step has no guide: ``z`` is observed data and ``c`` is enumerated in the model."""
 
@@ -163,14 +175,21 @@ class AlternatingSVI:
         return getattr(self.module, "pseudo_posterior", None) if self.prior.uses_encoder else None
 
     # -- losses ---------------------------------------------------------------------------------------------------
-    def vi_loss(self, *args, **kwargs) -> torch.Tensor:
-        """Differentiable negative ELBO of the minibatch (as scaled by the model, e.g. a batch mean).
+    def vi_loss(self, *args, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        r"""Differentiable negative ELBO of the minibatch (as scaled by the model, e.g. a batch mean).
+
+        ``kl_weight`` :math:`\beta` scales the latent site in model and guide alike, so the loss is
+        :math:`-\mathbb E_q \log p(x \mid z) + \beta\,\mathrm{KL}(q(z \mid x) \,\|\, p(z))` (KL warm-up; 1 is the ELBO).
 
         The graph is built with the EM parameters frozen (``requires_grad=False``): the VI step never updates them,
         so their gradients (for the VMM a backward pass through the encoder into the pseudo-inputs) are not computed.
         """
+        model, guide = self.module.model, self.module.guide
+        if kl_weight != 1.0:
+            model = _SiteScale(self.latent_site, kl_weight)(model)
+            guide = _SiteScale(self.latent_site, kl_weight)(guide)
         with _frozen(self.em_parameters()), _validation(self.validate_vi):
-            return self.elbo.differentiable_loss(self.module.model, self.module.guide, *args, **kwargs)
+            return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     def em_loss(self, *args, **kwargs) -> torch.Tensor:
         """Differentiable EM loss: ``TraceEnum_ELBO`` of ``prior.em_model`` at ``z ~ q(z|x)`` (no gradient to z)."""

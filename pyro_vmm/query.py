@@ -162,7 +162,8 @@ def freeze_for_query(model) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
     enc, dec = _first_layer_weights(module)
-    trained = [(dec, d)] + ([(enc, g)] if getattr(model, "query_train_encoder_", True) else [])
+    train_encoder = getattr(model, "query_train_encoder_", True) and module.n_batch_input > 0  # batch in the encoder
+    trained = [(dec, d)] + ([(enc, g)] if train_encoder else [])
     for weight, offset in trained:
         weight.requires_grad_(True)
         weight.register_hook(_column_mask_hook(offset + new_codes))
