@@ -2,8 +2,8 @@
 
 ``test_priors.py`` runs in float64; here every function gets float32 inputs at the sizes training uses (K = 100,
 D = 10 and 30, a 256-row minibatch, parameters at the scale of the paper's hyperpriors) and must return float32
-values within a float32 tolerance of the float64 reference: |ours - ref| <= tol * (1 + |ref|), with tol a few hundred
-float32 epsilons (1.2e-7) -- far below any modelling error, far above float32 rounding.
+values within a float32 tolerance of the float64 reference: |ours - ref| <= tol * (1 + |ref|), with tol 2e-5 to 2e-4
+(170 to 1,700 float32 epsilons of 1.2e-7) -- far below any modelling error, about ten times the rounding measured.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def test_expected_log_lik_in_float32(k, d):
     log_pi, loc, tril, precision, loc_cov, z = _problem(k, d)
     ref = torch.distributions.MultivariateNormal(loc, precision_matrix=precision).log_prob(z[:, None])  # (N, K)
     f = torch.Tensor.float
-    _close(gaussian_expected_log_lik(f(z), f(loc), f(tril)), ref, 2e-5)
+    _close(gaussian_expected_log_lik(f(z), f(loc), f(tril)), ref, 5e-5)
     ref_vmm = ref - 0.5 * torch.einsum("kij,kji->k", precision, loc_cov)
-    _close(gaussian_expected_log_lik(f(z), f(loc), f(tril), f(loc_cov)), ref_vmm, 2e-5)
+    _close(gaussian_expected_log_lik(f(z), f(loc), f(tril), f(loc_cov)), ref_vmm, 5e-5)
     # and the same function in float64 is the float64 reference (so the error above is float32 rounding alone)
     torch.testing.assert_close(gaussian_expected_log_lik(z, loc, tril, loc_cov), ref_vmm)
 
@@ -95,9 +95,9 @@ def test_mixture_log_prob_in_float32(k, d, with_loc_cov):
     ).log_prob(z)
     params = MixtureParams(log_pi.float(), loc.float(), tril.float(), loc_cov.float() if with_loc_cov else None)
     # the predictive covariance is inverted twice in float32 (cond(Lambda^-1 + S) up to ~1e3): a looser bound there
-    _close(params.predictive_mixture().log_prob(z.float()), ref, 2e-4 if with_loc_cov else 2e-5)
+    _close(params.predictive_mixture().log_prob(z.float()), ref, 2e-4 if with_loc_cov else 5e-5)
     _close(params.predictive_components().log_prob(z.float()[:, None]),
-           torch.distributions.MultivariateNormal(loc, cov).log_prob(z[:, None]), 2e-4 if with_loc_cov else 2e-5)
+           torch.distributions.MultivariateNormal(loc, cov).log_prob(z[:, None]), 2e-4 if with_loc_cov else 5e-5)
 
 
 def _em_problem(name: str, k: int, d: int, logit_scale: float, seed: int = 3):
@@ -158,9 +158,9 @@ def test_em_loss_and_gradient_in_float32(name, k, d):
     assert _shift_gap(prior, encoder, z).max() < 10
     loss64, grads64 = _em_loss_and_grads(prior, encoder, z, F64)
     loss32, grads32 = _em_loss_and_grads(prior, encoder, z, torch.float32)
-    _close(loss32, loss64.detach(), 2e-5)
+    _close(loss32, loss64.detach(), 5e-5)
     with torch.no_grad():
-        _close(marginal_loss(prior, z, encoder), loss64.detach(), 2e-5)
+        _close(marginal_loss(prior, z, encoder), loss64.detach(), 5e-5)
     ref32 = torch.autograd.grad(expected_complete_data_loss(prior, z, encoder), list(prior.em_parameters()))
     for g32, g64, g_ref in zip(grads32, grads64, ref32, strict=True):
         assert g32.dtype == torch.float32
