@@ -49,7 +49,7 @@ def test_em_gradient_is_expected_complete_data_gradient(name, inference, toy_vae
     ref_grads = torch.autograd.grad(reference, params)
     for p, g, g_ref in zip(params, grads, ref_grads, strict=True):
         assert g_ref.abs().max() > 1e-3, "every EM parameter must get a gradient from the reference"
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{p.shape}: {m}")
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, s=tuple(p.shape): f"{s}: {m}")
     # the value is the marginal (enumerated) form of the same objective
     torch.testing.assert_close(loss, marginal_loss(vae.prior, z, vae.pseudo_posterior), rtol=1e-5, atol=1e-5)
     # not vacuous: outside MLE the hyperprior changes the gradient of every parameter it touches
