@@ -150,6 +150,44 @@ def test_em_program_hyperprior_sites_equal_torch_log_densities(name):
     torch.testing.assert_close(hyper, ref / b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("inference", ["map-dp", "map", "mle"])
+@pytest.mark.parametrize("name", ["gmm", "vmm"])
+def test_hyperprior_terms_of_each_inference_mode(name, inference):
+    """mle: no hyperprior site; map: Dir(pi | 1/K), Wishart and the mean prior, no Gamma on alpha (alpha fixed, not an
+    EM parameter); map-dp: all four, alpha trained.  The sites' sum equals the independently written densities / B."""
+    from _em_reference import hyperprior_log_density
+
+    torch.manual_seed(4)
+    k, d, b, x_dim = 7, 3, 10, 4
+    prior = build_prior(name, d, k, pseudo_inputs=torch.randn(k, x_dim), inference=inference)
+    with torch.no_grad():
+        prior.logits_unconstrained.copy_(torch.randn(k))
+        if inference == "map-dp":
+            prior.alpha_unconstrained.fill_(-0.4)
+    w = torch.randn(x_dim, d)
+
+    def encoder(u):
+        return torch.distributions.Independent(torch.distributions.Normal(u @ w, torch.full((k, d), 0.6)), 1)
+
+    z = torch.randn(b, d)
+    tr = poutine.trace(prior.em_model).get_trace(z, encoder)
+    tr.compute_log_prob()
+    expected_sites = {"map-dp": {"alpha", "pi", "precision", "mu"}, "map": {"pi", "precision", "mu"}, "mle": set()}
+    hyper_sites = {s for s in ("alpha", "pi", "precision", "mu") if s in tr.nodes}
+    assert hyper_sites == expected_sites[inference]
+    names = {n for n, p in prior.named_parameters() if any(p is q for q in prior.em_parameters())}
+    assert ("alpha_unconstrained" in names) == (inference == "map-dp")
+    total = sum((tr.nodes[s]["log_prob_sum"] for s in hyper_sites), torch.zeros(()))
+    torch.testing.assert_close(total, hyperprior_log_density(prior, encoder) / b, rtol=1e-6, atol=1e-9)
+    if inference == "map":  # the Dirichlet's concentration is 1/K, whatever alpha's Gamma prior would say
+        pi = prior.mixture_params(encoder).log_pi.exp()
+        ref = torch.distributions.Dirichlet(torch.full((k,), 1.0 / k)).log_prob(pi) / b
+        torch.testing.assert_close(tr.nodes["pi"]["log_prob_sum"], ref)
+    if inference != "mle":  # alpha moves the loss only where it is an EM parameter
+        (g_alpha,) = torch.autograd.grad(total, prior.alpha_unconstrained, allow_unused=True)
+        assert (g_alpha is not None and g_alpha.abs() > 0) == (inference == "map-dp")
+
+
 def test_em_loss_is_negative_marginal_log_likelihood_plus_hyperprior():
     torch.manual_seed(1)
     k, d, b = 5, 2, 9
