@@ -697,22 +697,54 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         return np.concatenate(parts, axis=0)
 
     def get_latent_representation(
-        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
-    ) -> np.ndarray:
-        """Posterior means :math:`E_q[z \\mid x, s]`, shape ``(n_cells, n_latent)``."""
-        return self._collect(self.module.latent_mean, adata, indices, batch_size)
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The latent of each cell, shape ``(n_cells, n_latent)``, as scvi-tools' ``SCVI.get_latent_representation``:
+        the posterior mean :math:`E_q[z \\mid x, s]` (``give_mean=True``) or one draw :math:`z \\sim q(z \\mid x, s)`
+        (a new one each call); ``return_dist=True`` returns the posterior's ``(means, variances)`` instead.
+        ``mc_samples`` is accepted for scvi-tools compatibility and unused (q is Gaussian: its mean is exact)."""
+        if return_dist:
+            self._check_if_trained(warn=False)
+            means, variances = [], []
+            with torch.inference_mode():
+                for x, b in self._minibatches(adata, indices, batch_size):
+                    m, v = self.module.latent_moments(x, b)
+                    means.append(m.cpu().numpy())
+                    variances.append(v.cpu().numpy())
+            return np.concatenate(means, axis=0), np.concatenate(variances, axis=0)
+        fn = self.module.latent_mean if give_mean else self.module.latent_sample
+        return self._collect(fn, adata, indices, batch_size)
 
     def get_cluster_probabilities(
-        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 100,
+        batch_size: int | None = None,
     ) -> np.ndarray:
-        """:math:`q(c \\mid z)` at the posterior mean z, shape ``(n_cells, K)`` (``normal``: one column of ones)."""
-        return self._collect(self.module.cluster_probs, adata, indices, batch_size)
+        """:math:`q(c \\mid z)`, shape ``(n_cells, K)`` (``normal``: one column of ones): at the posterior mean z
+        (``give_mean=True``), or averaged over ``mc_samples`` posterior draws :math:`z \\sim q(z \\mid x, s)`
+        (``give_mean=False``: the posterior expectation :math:`E_q[q(c \\mid z)]`, which also reflects how uncertain
+        the cell's position is)."""
+        return self._collect(
+            lambda x, b: self.module.cluster_probs(x, b, give_mean=give_mean, mc_samples=mc_samples),
+            adata,
+            indices,
+            batch_size,
+        )
 
     def get_cluster_assignments(
         self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
     ) -> np.ndarray:
         """:math:`\\arg\\max_k q(c = k \\mid z)` at the posterior mean z, shape ``(n_cells,)``."""
-        probs = self.get_cluster_probabilities(adata, indices, batch_size)
+        probs = self.get_cluster_probabilities(adata, indices, batch_size=batch_size)
         return probs.argmax(axis=1).astype(np.int64)
 
     def n_utilized_clusters(self, adata=None) -> int:
