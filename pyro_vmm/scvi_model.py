@@ -43,6 +43,7 @@ from .backed import BackedMatrix, is_backed
 from .checkpoint import load_checkpoint
 from .expression import ExpressionMixin
 from .infer import AlternatingSVI
+from .quiet import quiet_lightning
 from .training_plan import VMMTrainingPlan
 from .utils import set_seed
 
@@ -651,16 +652,22 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         # modes it finds: without this a second train() call (or training a loaded model) would run with
         # BatchNorm on its running statistics and dropout off
         self.module.train()
-        runner = self._train_runner_cls(
-            self,
-            training_plan=plan,
-            data_splitter=splitter,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            **trainer_kwargs,
-        )
-        out = runner()
+        if enable_progress_bar and trainer_kwargs.get("simple_progress_bar", True):
+            from .callbacks import EpochProgressBar  # the loss and the clusters on the bar, no v_num
+
+            trainer_kwargs["simple_progress_bar"] = False
+            trainer_kwargs["callbacks"] = [*list(trainer_kwargs.get("callbacks") or []), EpochProgressBar()]
+        with quiet_lightning():
+            runner = self._train_runner_cls(
+                self,
+                training_plan=plan,
+                data_splitter=splitter,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+            out = runner()
         self._numeric_history()
         return out
 

@@ -148,3 +148,23 @@ def test_scrna_help_states_the_default_epochs():
         [sys.executable, "-m", "pyro_vmm", "scrna", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--max-epochs" in out and "kang_ifnb_2800" in out and "--no-scib" in out
+
+
+def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp_path):
+    """No Lightning tip, no known-harmless deprecation or ``log_every_n_steps`` warning on the terminal; the
+    progress bar shows the training loss and the utilized clusters (not ``v_num``)."""
+    import os
+
+    from _data import kang_subset
+
+    data = tmp_path / "kang_small.h5ad"
+    kang_subset(shared_data / "scrna" / "kang_ifnb_2800.h5ad", n_cells=300, n_genes=300).write_h5ad(data)
+    args = [a for a in _args(data, tmp_path / "run", "--no-markers", "--no-mde") if a != "--no-progress"]
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # show every warning once, as a plain run would
+    done = subprocess.run([sys.executable, "-m", "pyro_vmm", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    noisy = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if any(word in line for word in ("Tip:", "deprecated", "log_every_n_steps"))]
+    assert noisy == []
+    terminal = (done.stdout + done.stderr).replace("\r", "\n")
+    assert "train_loss=" in terminal and "clusters=" in terminal and "v_num" not in terminal

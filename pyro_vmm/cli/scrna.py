@@ -18,7 +18,8 @@ Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes
   expression of the cluster against all other cells, batch-corrected; ``VMMSCVI.cluster_markers``) and their dot
   plot, clusters numbered as in ``mde.png`` (unless ``--no-markers``);
 - ``training.png``: −ELBO (train, validation), the EM loss and the utilized clusters per epoch;
-- ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``).
+- ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``);
+- ``scib.log`` (with the scIB metrics): scib-metrics' log lines (e.g. the labels kBET skips), kept off the terminal.
 
 All outputs are first written into a staging folder inside ``DIR`` and moved into place together only when every
 one of them is complete, so a failed run leaves no partial output behind.
@@ -47,7 +48,7 @@ DEFAULT_MAX_EPOCHS = 100
 DEFAULT_PRIOR_LR_RATIO = 2.5
 #: files and folders the command writes into --out
 OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "training.png",
-           "model")
+           "model", "scib.log")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -314,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
         "markers": None,
         "environment": environment(model),
     }
+    scib_log = None
     if args.labels_key:
         from pyro_vmm.evaluation import clustering_scores
 
@@ -329,7 +331,10 @@ def run(args: argparse.Namespace) -> int:
                 batch_key = "_batch"
                 adata.obs[batch_key] = "0"
             config = ScibConfig(pre_integrated_key="X_pca_unintegrated")
-            table = scib_table(adata, batch_key, args.labels_key, ["X_vmm", "X_pca_unintegrated"], config=config)
+            # scIB's per-label INFO lines go to scib.log, not the terminal
+            scib_log = Path(tempfile.mkdtemp(prefix="pyro-vmm-scib-")) / "scib.log"
+            table = scib_table(adata, batch_key, args.labels_key, ["X_vmm", "X_pca_unintegrated"], config=config,
+                               log_file=scib_log)
             metrics["scib"] = {emb: row.to_dict() for emb, row in table.iterrows()}
             if args.batch_key is None:
                 del adata.obs[batch_key]
@@ -377,6 +382,9 @@ def run(args: argparse.Namespace) -> int:
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
             adata.write_h5ad(tmp)
+        if scib_log is not None and scib_log.exists():
+            shutil.move(scib_log, staging / "scib.log")
+            shutil.rmtree(scib_log.parent, ignore_errors=True)
         metrics["runtime_s"]["total"] = time.perf_counter() - t_start
         with atomic_path(staging / "metrics.json") as tmp:
             tmp.write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
