@@ -590,6 +590,10 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             run_fingerprint,
         )
 
+        if max_epochs is not None:  # 0 would return at once and mark the model trained
+            from .validation import validate_positive_int
+
+            max_epochs = validate_positive_int("max_epochs", max_epochs)
         data_parallel = _data_parallel(trainer_kwargs)
         if data_parallel and seed is None:
             raise ValueError(

@@ -398,6 +398,15 @@ def validate_anndata(
             f"layer={layer!r} is not in adata.layers: adata has no layers. Fix: pass layer=None to use adata.X, "
             f'or store the raw counts first with adata.layers["{layer}"] = counts.'
         )
+    if not adata.obs_names.is_unique:
+        dups = adata.obs_names[adata.obs_names.duplicated()].unique()
+        warnings.warn(
+            f"adata has {len(dups):,} duplicated cell name(s) in adata.obs_names (first: {_first(list(dups))}); "
+            "per-cell outputs indexed by cell name (get_normalized_expression, obs columns you add) would repeat "
+            "them. Fix: adata.obs_names_make_unique() before setup_anndata.",
+            InputWarning,
+            stacklevel=2,
+        )
     _check_obs_key(adata, "batch_key", batch_key)
     _check_obs_key(adata, "labels_key", labels_key)
 

@@ -446,6 +446,21 @@ def test_clear_errors(small_adata):
         model.get_latent_representation()
 
 
+def test_zero_epochs_are_refused_and_duplicated_cell_names_warn_with_the_fix(small_adata):
+    from pyro_vmm.validation import InputWarning
+
+    model = VMMSCVI(_setup(small_adata), prior="normal", **TINY)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1, got 0"):
+        model.train(max_epochs=0, **TRAIN)
+    assert not model.is_trained_
+    dup = small_adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own warning
+        dup.obs_names = np.r_[dup.obs_names[:-2], dup.obs_names[:2]]
+    with pytest.warns(InputWarning, match=r"2 duplicated cell name.*Fix: adata\.obs_names_make_unique\(\)"):
+        VMMSCVI.setup_anndata(dup, batch_key="batch")
+
+
 # ------------------------------------------------------------------------------------------------ PPC
 def test_posterior_predictive_is_not_the_observed_data(trained_vmm):
     model = trained_vmm
