@@ -168,3 +168,32 @@ def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp
     assert noisy == []
     terminal = (done.stdout + done.stderr).replace("\r", "\n")
     assert "train_loss=" in terminal and "clusters=" in terminal and "v_num" not in terminal
+
+
+@pytest.mark.parametrize("command", ["scrna", "map", "images", "images-sweep"])
+def test_help_states_each_default_once_and_only_where_it_says_something(command):
+    """No default printed twice, no '(default: None)', required options without a default, defaults shown on every
+    option that has one (the images commands too), and every option explained."""
+    import argparse
+    import re
+
+    from pyro_vmm.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    text = sub.format_help()
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one entry per option
+    by_option = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries if e.strip().startswith("--")}
+    assert "(default: None)" not in text
+    for action in sub._actions:
+        if not action.option_strings or action.option_strings[0] in ("-h", "--help"):
+            continue
+        entry = by_option[action.option_strings[0]]
+        help_text = entry.split(" ", 1)[1] if " " in entry else ""
+        assert action.help and len(action.help) > 3, f"{action.option_strings[0]} has no help text"
+        assert len(re.findall(r"\(default\b", entry)) <= 1, f"default twice: {entry}"
+        if action.required:
+            assert "default" not in help_text, entry
+        elif action.default is not None and action.nargs != 0:
+            assert "default" in help_text, f"no default shown: {entry}"
+    assert "random seed" in by_option["--seed"]

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from . import HelpFormatter
 from .scrna import (
     add_run_args,
     check_out,
@@ -58,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the "
             "query model into --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     io = p.add_argument_group("data and output")
     io.add_argument("--reference", required=True, metavar="DIR", help="output folder of 'pyro-vmm scrna'")

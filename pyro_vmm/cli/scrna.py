@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import HelpFormatter
+
 #: default number of epochs: 2,000 minibatch steps on the 2800-cell kang_ifnb_2800 set (the tuning sweep's budget)
 DEFAULT_MAX_EPOCHS = 100
 #: default EM / VI learning-rate ratio: the Figure-5 sweep's choice on kang_ifnb_2800 (benchmarks/scrna_tuning.py)
@@ -61,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "figure mde.png, the cluster composition figure clusters.png, the clusters' marker genes (markers.csv, "
             "markers.png), the training curves training.png and the saved model/ into --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     io = p.add_argument_group("data and output")
     io.add_argument("--data", required=True, metavar="FILE.h5ad", help="AnnData file with raw counts")
@@ -91,8 +93,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--prior-lr-ratio",
         type=float,
         default=DEFAULT_PRIOR_LR_RATIO,
-        help="EM-step learning rate = lr x this ratio (default 2.5, tuned on kang_ifnb_2800; larger prunes more "
-        "clusters -- tune per data set with benchmarks/scrna_tuning.py, paper Figure 5)",
+        help="EM-step learning rate = lr x this ratio (tuned on kang_ifnb_2800; larger prunes more clusters -- "
+        "tune per data set with benchmarks/scrna_tuning.py, paper Figure 5)",
     )
     t.add_argument("--patience", type=int, default=45, help="early-stopping patience in epochs (0: no early stopping)")
     add_run_args(t)
