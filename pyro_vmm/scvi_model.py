@@ -878,12 +878,33 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         return adata
 
     @classmethod
+    def prepare_query_anndata(
+        cls, adata, reference_model: VMMSCVI | str | os.PathLike, return_reference_var_names: bool = False,
+        inplace: bool = True,
+    ):
+        """Put ``adata`` on the genes of ``reference_model`` (a model, or the folder it was saved to), as scvi-tools'
+        ``prepare_query_anndata``: the reference's genes missing from ``adata`` are added as all-zero columns (not
+        measured) and the genes are put in the reference's order (others dropped).  ``inplace`` (default) changes
+        ``adata`` itself and returns ``None``; else a new AnnData is returned.  ``return_reference_var_names``:
+        return the reference's genes only.  See :func:`pyro_vmm.query.prepare_query_anndata`."""
+        from .query import prepare_query_anndata
+
+        return prepare_query_anndata(
+            cls, adata, reference_model, return_reference_var_names=return_reference_var_names, inplace=inplace
+        )
+
+    @classmethod
     def load_query_data(
-        cls, adata, reference_model: VMMSCVI, freeze_batchnorm: bool = True, train_encoder: bool | None = None
+        cls,
+        adata,
+        reference_model: VMMSCVI | str | os.PathLike,
+        freeze_batchnorm: bool = True,
+        train_encoder: bool | None = None,
     ) -> VMMSCVI:
-        """Reference mapping (scArches-style): a copy of ``reference_model`` for the cells of ``adata``, whose only
-        trainable parameters are the weights of the query's new batches; the prior is frozen, so :meth:`train` fits
-        those weights and the query cells get the reference's clusters.  See :mod:`pyro_vmm.query`."""
+        """Reference mapping (scArches-style): a copy of ``reference_model`` (a trained model, or the folder it was
+        saved to) for the cells of ``adata``, whose only trainable parameters are the weights of the query's new
+        batches; the prior is frozen, so :meth:`train` fits those weights and the query cells get the reference's
+        clusters.  See :mod:`pyro_vmm.query`."""
         from .query import load_query_data
 
         return load_query_data(
@@ -894,7 +915,23 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
     def load(cls, dir_path: str, adata=None, *args, prefix: str | None = None, **kwargs):
         """``BaseModelClass.load`` with clear errors: an unreadable or foreign ``model.pt``, and an ``adata`` whose
         genes differ from the saved model's (names and order), are refused before anything is built."""
-        from .validation import InputError, validate_genes_match
+        from .validation import validate_genes_match
+
+        saved = cls._read_saved(dir_path, prefix)
+        if adata is not None and saved.get("var_names") is not None:
+            validate_genes_match(saved["var_names"], adata.var_names, where="the AnnData given to load")
+        model = super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
+        if getattr(model, "reference_batches_", None) is not None:  # a saved query model: freeze it again
+            from .query import freeze_for_query
+
+            freeze_for_query(model)
+        return model
+
+    @classmethod
+    def _read_saved(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """The contents of ``dir_path/model.pt`` written by :meth:`save`; clear errors for a missing, unreadable or
+        foreign file."""
+        from .validation import InputError
 
         path = Path(dir_path) / f"{prefix or ''}model.pt"
         if not path.is_file():
@@ -917,14 +954,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 f"{str(path)!r} holds a {class_name} model, not a {cls.__name__}. Fix: load it with "
                 f"{class_name}.load(...), or pass the folder of a saved {cls.__name__}."
             )
-        if adata is not None and saved.get("var_names") is not None:
-            validate_genes_match(saved["var_names"], adata.var_names, where="the AnnData given to load")
-        model = super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
-        if getattr(model, "reference_batches_", None) is not None:  # a saved query model: freeze it again
-            from .query import freeze_for_query
-
-            freeze_for_query(model)
-        return model
+        return saved
 
     # -------------------------------------------------------------------------------------------- save
     def save(
