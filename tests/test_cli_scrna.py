@@ -54,7 +54,9 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert {p.name for p in out.iterdir()} == written | ({"markers.png"} if len(markers) else set())
 
     adata = anndata.read_h5ad(out / "adata.h5ad")
-    assert adata.shape == (300, 300) and adata.var["highly_variable"].sum() == 200
+    assert adata.shape == (300, 200) and adata.var["highly_variable"].all()  # the model's genes ...
+    assert adata.raw.shape == (300, 300) and adata.raw.var["highly_variable"].sum() == 200  # ... all genes in raw
+    np.testing.assert_array_equal(adata.raw.X.toarray(), anndata.read_h5ad(small_h5ad).X.toarray())
     z = adata.obsm["X_vmm"]
     probs = adata.obsm["vmm_cluster_probs"]
     assert z.shape == (300, 4) and np.isfinite(z).all()
@@ -94,11 +96,10 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
         p.name: plain_mode for p in out.iterdir() if p.is_file()
     }
 
-    # the saved model reloads on the genes it was trained on and gives the same latent
+    # the saved model reloads with the written AnnData as it is, and gives the same latent
     from pyro_vmm import VMMSCVI
 
-    hvg = adata[:, adata.var["highly_variable"].to_numpy()].copy()
-    model = VMMSCVI.load(str(out / "model"), adata=hvg)
+    model = VMMSCVI.load(str(out / "model"), adata=anndata.read_h5ad(out / "adata.h5ad"))
     np.testing.assert_allclose(model.get_latent_representation(), z, rtol=1e-4, atol=1e-4)
 
     # an existing output folder is not overwritten silently

@@ -5,8 +5,9 @@
 Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes (batch-aware) -> train
 ``pyro_vmm.VMMSCVI`` -> write into ``DIR``:
 
-- ``adata.h5ad``: the input cells and all genes (``var["highly_variable"]`` marks the genes used), with
-  ``obsm["X_vmm"]`` (posterior means E_q[z|x]), ``obs["vmm_cluster"]`` (argmax_k q(c=k|z)) and
+- ``adata.h5ad``: the input cells on the model's genes (it loads as is: ``VMMSCVI.load("DIR/model",
+  adata=anndata.read_h5ad("DIR/adata.h5ad"))``), all genes kept in ``.raw`` (``raw.var["highly_variable"]`` marks
+  the genes used), with ``obsm["X_vmm"]`` (posterior means E_q[z|x]), ``obs["vmm_cluster"]`` (argmax_k q(c=k|z)) and
   ``obsm["vmm_cluster_probs"]`` (q(c|z), N x K);
 - ``metrics.json``: settings, data sizes, utilized clusters, clustering metrics vs ``--labels-key`` (when given),
   final training/validation ELBOs, runtime, and scIB metrics of the latent and of an unintegrated PCA (unless
@@ -206,19 +207,30 @@ def staged(out: Path, outputs: tuple[str, ...]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def store_embedding(adata, model):
+def store_embedding(adata, model, on=None):
     """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``)
-    and their argmax (``obs["vmm_cluster"]``) into ``adata``; returns (latent, probs, assignments)."""
+    and their argmax (``obs["vmm_cluster"]``) of the cells of ``on`` (default: the model's AnnData) into ``adata``;
+    returns (latent, probs, assignments)."""
     import numpy as np
     import pandas as pd
 
-    latent = model.get_latent_representation()
-    probs = model.get_cluster_probabilities()
+    latent = model.get_latent_representation(on)
+    probs = model.get_cluster_probabilities(on)
     assign = probs.argmax(axis=1)
     adata.obsm["X_vmm"] = latent.astype(np.float32)
     adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
     adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))
     return latent, probs, assign
+
+
+def on_model_genes(adata, genes):
+    """``adata`` on the model's ``genes`` (so ``VMMSCVI.load(DIR/"model", adata=read_h5ad(DIR/"adata.h5ad"))``
+    works as is), with every gene of the input kept in ``.raw`` (scanpy's place for the full gene set)."""
+    if list(adata.var_names) == list(genes):
+        return adata
+    out = adata[:, list(genes)].copy()
+    out.raw = adata
+    return out
 
 
 def environment(model) -> dict[str, Any]:
@@ -383,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
             training_curves(history, path=staging / "training.png")
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
-            adata.write_h5ad(tmp)
+            on_model_genes(adata, hvg.var_names).write_h5ad(tmp)
         if scib_log is not None and scib_log.exists():
             shutil.move(scib_log, staging / "scib.log")
             shutil.rmtree(scib_log.parent, ignore_errors=True)
