@@ -656,11 +656,15 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         # modes it finds: without this a second train() call (or training a loaded model) would run with
         # BatchNorm on its running statistics and dropout off
         self.module.train()
+        callbacks = list(trainer_kwargs.get("callbacks") or [])
         if enable_progress_bar and trainer_kwargs.get("simple_progress_bar", True):
+            from lightning.pytorch.callbacks import ProgressBar
+
             from .callbacks import EpochProgressBar  # the loss and the clusters on the bar, no v_num
 
             trainer_kwargs["simple_progress_bar"] = False
-            trainer_kwargs["callbacks"] = [*list(trainer_kwargs.get("callbacks") or []), EpochProgressBar()]
+            if not any(isinstance(c, ProgressBar) for c in callbacks):  # the user's own bar wins
+                trainer_kwargs["callbacks"] = [*callbacks, EpochProgressBar()]
         with quiet_lightning():
             runner = self._train_runner_cls(
                 self,
