@@ -463,11 +463,38 @@ class VMMSCVIModule(PyroBaseModuleClass):
             return self.encode(x, batch_index).mean
 
     @torch.no_grad()
-    def cluster_probs(self, x: Tensor, batch_index: Tensor) -> Tensor:
-        """q(c | z) at the posterior mean z (networks in eval mode), shape ``(B, K)``."""
+    def latent_moments(self, x: Tensor, batch_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of :math:`q(z \\mid x, s)`, each ``(B, D)`` (networks in eval mode)."""
         with eval_mode(self):
-            z = self.encode(x, batch_index).mean
-            return self.prior.cluster_probs(z, self.pseudo_posterior)
+            q = self.encode(x, batch_index).base_dist
+            return q.loc, q.scale.square()
+
+    @torch.no_grad()
+    def latent_sample(self, x: Tensor, batch_index: Tensor) -> Tensor:
+        """One draw :math:`z \\sim q(z \\mid x, s)` per cell, ``(B, D)`` (networks in eval mode)."""
+        with eval_mode(self):
+            return self.encode(x, batch_index).sample()
+
+    @torch.no_grad()
+    def cluster_probs(
+        self, x: Tensor, batch_index: Tensor, give_mean: bool = True, mc_samples: int = 100, rows_per_pass: int = 16384
+    ) -> Tensor:
+        """:math:`q(c \\mid z)`, shape ``(B, K)`` (networks in eval mode): at the posterior mean z (``give_mean``), or
+        averaged over ``mc_samples`` draws :math:`z \\sim q(z \\mid x, s)`, ``rows_per_pass`` cell-draws at a time."""
+        with eval_mode(self):
+            q = self.encode(x, batch_index)
+            if give_mean:
+                return self.prior.cluster_probs(q.mean, self.pseudo_posterior)
+            if int(mc_samples) < 1:
+                raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+            b, d = q.mean.shape
+            per_pass = max(1, rows_per_pass // max(b, 1))
+            total = 0.0
+            for start in range(0, int(mc_samples), per_pass):
+                s = min(per_pass, int(mc_samples) - start)
+                z = q.sample((s,)).reshape(s * b, d)
+                total = total + self.prior.cluster_probs(z, self.pseudo_posterior).reshape(s, b, -1).sum(0)
+            return total / int(mc_samples)
 
     @torch.no_grad()
     def normalized_expression(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
+from scvi.train._progress import ProgressBar
 
-__all__ = ["EpochTimer"]
+__all__ = ["EpochProgressBar", "EpochTimer"]
 
 
 def _sync(pl_module: pl.LightningModule) -> None:
@@ -33,3 +34,37 @@ class EpochTimer(pl.Callback):
         _sync(pl_module)
         self.wall.append(time.perf_counter() - self._t)
         self.cpu.append(time.process_time() - self._c)
+
+
+class EpochProgressBar(ProgressBar):
+    """scvi-tools' per-epoch progress bar, its postfix the last finished epoch's ``train_loss`` (−ELBO per cell) and
+    ``clusters`` (utilized clusters on the validation cells, else on the training cells) instead of ``v_num``."""
+
+    #: logged metric -> name on the bar; the first one logged wins for each name
+    SHOWN = (("elbo_train", "train_loss"), ("utilized_clusters_validation", "clusters"),
+             ("utilized_clusters_train", "clusters"))
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        logged = trainer.callback_metrics
+        shown: dict = {}
+        for key, name in self.SHOWN:
+            if key in logged and name not in shown:
+                value = float(logged[key])
+                shown[name] = int(round(value)) if name == "clusters" else f"{value:.4g}"
+        return shown
+
+    # Lightning runs the callbacks' on_train_epoch_end before the module's, which logs the epoch's training loss:
+    # the postfix is therefore set when the next epoch starts, and once more when training ends
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_update(trainer.current_epoch, trainer.max_epochs):
+            self.main_progress_bar.update()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.is_enabled and trainer.current_epoch > 0:
+            self.main_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.is_enabled:
+            self.main_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        super().on_train_end(trainer, pl_module)

@@ -19,7 +19,9 @@ the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -222,6 +224,7 @@ def scib_table(
     embedding_obsm_keys: Sequence[str],
     n_jobs: int = 2,
     config: ScibConfig | None = None,
+    log_file: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """scIB metrics (scib-metrics ``Benchmarker``, unscaled) of each embedding in ``adata.obsm``.
 
@@ -229,10 +232,13 @@ def scib_table(
     ``"Bio conservation"`` and ``"Total" = 0.4 * batch + 0.6 * bio``.  Without batch metrics (single batch) the
     batch and Total columns are NaN.  ``adata`` is not modified (the benchmark runs on a slim copy holding only the
     embeddings and the two obs columns).  ``n_jobs`` is used when no ``config`` is given (else ``config.n_jobs``);
-    neighbours: see :attr:`ScibConfig.neighbors`.
+    neighbours: see :attr:`ScibConfig.neighbors`.  With ``log_file`` scib-metrics' log lines (one INFO line per label
+    that kBET skips, ...) are appended to that file instead of printed.
     """
     import anndata
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    from .quiet import log_to_file
 
     config = config or ScibConfig(n_jobs=n_jobs)
     if config.neighbors not in ("auto", "exact", "pynndescent"):
@@ -281,8 +287,10 @@ def scib_table(
         progress_bar=config.progress_bar,
     )
     exact = config.neighbors == "exact" or (config.neighbors == "auto" and slim.n_obs <= config.exact_max_cells)
-    bench.prepare(neighbor_computer=partial(exact_neighbors, n_jobs=config.n_jobs) if exact else None)
-    bench.benchmark()
+    logs = log_to_file("scib_metrics", log_file) if log_file is not None else contextlib.nullcontext()
+    with logs:
+        bench.prepare(neighbor_computer=partial(exact_neighbors, n_jobs=config.n_jobs) if exact else None)
+        bench.benchmark()
     raw = bench.get_results(min_max_scale=False)
     table = raw.drop(index="Metric Type").astype(float)
     table.index.name = "embedding"

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse as sp
 
 from .utils import set_seed
 
@@ -44,6 +45,43 @@ MARKER_COLUMNS = (
     "raw_normalized_mean1",
     "raw_normalized_mean2",
 )
+
+
+def backed_raw_counts_properties(
+    adata_manager, idx1: np.ndarray, idx2: np.ndarray, var_idx: np.ndarray | None = None, chunk: int = 4096
+) -> dict[str, np.ndarray]:
+    """scvi-tools' ``scrna_raw_counts_properties`` (per-gene mean, share of non-zero counts and mean of the counts
+    scaled to 10,000 per cell, for both groups) for a backed AnnData: the groups' rows are read from the file in
+    chunks of ``chunk`` cells, the matrix is never loaded whole (scvi-tools' version fails on a backed matrix)."""
+    from scvi import REGISTRY_KEYS
+
+    from .backed import BackedMatrix
+
+    matrix = BackedMatrix(adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+    out: dict[str, np.ndarray] = {}
+    try:
+        for group, idx in (("1", idx1), ("2", idx2)):
+            rows = np.asarray(idx)
+            rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+            n_genes = matrix.shape[1] if var_idx is None else len(np.arange(matrix.shape[1])[var_idx])
+            sums, nonzero, normalized = np.zeros(n_genes), np.zeros(n_genes), np.zeros(n_genes)
+            for start in range(0, len(rows), chunk):
+                block = matrix.read_rows(rows[start : start + chunk])
+                block = sp.csr_matrix(block, dtype=np.float64)
+                scale = 1e4 / np.asarray(block.sum(axis=1)).ravel()  # over all genes, as scvi-tools
+                if var_idx is not None:
+                    block = block[:, var_idx]
+                sums += np.asarray(block.sum(axis=0)).ravel()
+                nonzero += np.asarray((block != 0).sum(axis=0)).ravel()
+                normalized += np.asarray(block.multiply(scale[:, None]).sum(axis=0)).ravel()
+            n = max(len(rows), 1)
+            out[f"raw_mean{group}"] = sums / n
+            out[f"non_zeros_proportion{group}"] = nonzero / n
+            out[f"raw_normalized_mean{group}"] = normalized / n
+    finally:
+        matrix.close()
+    return {key: out[key] for key in ("raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
+                                      "raw_normalized_mean1", "raw_normalized_mean2")}
 
 
 class ExpressionMixin:
@@ -216,6 +254,7 @@ class ExpressionMixin:
         (``is_de_fdr_<fdr_target>``). ``**kwargs`` go to scvi-tools' ``DifferentialComputation.get_bayes_factors``
         (e.g. ``n_samples``, ``pseudocounts``).
         """
+        from scvi import REGISTRY_KEYS
         from scvi.model._utils import scrna_raw_counts_properties
         from scvi.model.base._de_core import _de_core
 
@@ -231,13 +270,18 @@ class ExpressionMixin:
             )
         if groupby is None and idx1 is None:
             raise ValueError("give groupby (an adata.obs column) or idx1 (the cells of the first group)")
+        from .backed import is_backed
+
+        manager = self.get_anndata_manager(adata, required=True)
+        backed = is_backed(manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+        raw_properties = backed_raw_counts_properties if backed else scrna_raw_counts_properties
         model_fn = partial(self.get_normalized_expression, return_numpy=True, n_samples=1, batch_size=batch_size)
         representation_fn = self.get_latent_representation if filter_outlier_cells else None
         # scvi-tools' raw-count statistics cache a per-cell scaling in adata.obs; the user's AnnData is left as it was
         added = RAW_NORM_KEY not in adata.obs
         try:
             return _de_core(
-                self.get_anndata_manager(adata, required=True),
+                manager,
                 model_fn,
                 representation_fn,
                 groupby,
@@ -246,7 +290,7 @@ class ExpressionMixin:
                 idx1,
                 idx2,
                 all_stats,
-                scrna_raw_counts_properties,
+                raw_properties,
                 adata.var_names,
                 mode,
                 batchid1,

@@ -19,13 +19,16 @@ model is frozen the same way again when ``VMMSCVI.load`` reads it back.
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-__all__ = ["freeze_for_query", "load_query_data"]
+__all__ = ["freeze_for_query", "load_query_data", "prepare_query_anndata"]
 
 #: logit of a new batch in the pseudo-inputs' softmax batch vector (its weight underflows to exactly 0)
 NEW_BATCH_LOGIT = -1e4
@@ -61,6 +64,97 @@ def _first_layer_weights(module) -> tuple[torch.nn.Parameter, torch.nn.Parameter
     return module.encoder.fc_layers[0][0].weight, module.decoder.px_decoder.fc_layers[0][0].weight
 
 
+@dataclass
+class _Reference:
+    """What reference mapping needs of a reference model, from the model object or from its saved folder."""
+
+    registry: dict
+    init_params: dict
+    state_dict: dict
+    var_names: pd.Index
+
+
+def _reference(cls, reference_model, trained: bool = True) -> _Reference:
+    """:class:`_Reference` of a ``cls`` model or of the folder one was saved to (``model.save``); it must have been
+    trained when ``trained``."""
+    from .validation import InputError
+
+    if isinstance(reference_model, (str, os.PathLike)):
+        saved = cls._read_saved(reference_model)
+        attr = saved["attr_dict"]
+        if trained and not attr.get("is_trained_", False):
+            raise InputError(f"the model saved in {str(reference_model)!r} was never trained. Fix: train it first.")
+        state = {k: v for k, v in saved["model_state_dict"].items() if k != "pyro_param_store"}
+        return _Reference(attr["registry_"], attr["init_params_"], state, pd.Index(saved["var_names"]))
+    if not isinstance(reference_model, cls):
+        raise TypeError(
+            f"reference_model must be a trained {cls.__name__} or the folder it was saved to, got "
+            f"{type(reference_model).__name__}. Fix: pass the model, or the path given to model.save(path)."
+        )
+    if trained:
+        reference_model._check_if_trained(warn=False)
+    return _Reference(
+        reference_model.adata_manager.registry,
+        reference_model.init_params_,
+        reference_model.module.state_dict(),
+        pd.Index(reference_model.adata.var_names),
+    )
+
+
+def prepare_query_anndata(
+    cls, adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True
+):
+    """``adata`` on the genes of ``reference_model`` (a model or its saved folder), as scvi-tools'
+    ``ArchesMixin.prepare_query_anndata``: the reference's missing genes added as all-zero columns (also in every
+    layer), the genes put in the reference's order, genes the reference lacks dropped.  Returns ``None`` with
+    ``inplace`` (``adata`` is changed), else the new AnnData; only the reference's genes (a ``pandas.Index``) with
+    ``return_reference_var_names``.  A query with fewer than half of the reference's genes gets a warning."""
+    import anndata
+    from scipy import sparse as sp
+
+    from .validation import InputError, InputWarning
+
+    genes = _reference(cls, reference_model, trained=False).var_names
+    if return_reference_var_names:
+        return genes
+    if not adata.var_names.is_unique:
+        dups = adata.var_names[adata.var_names.duplicated()].unique()
+        raise InputError(
+            f"the query AnnData has {len(dups):,} duplicated gene name(s) (first: {list(map(str, dups[:5]))}), so its "
+            "genes cannot be matched to the reference's. Fix: adata.var_names_make_unique(), or sum the duplicates."
+        )
+    shared = adata.var_names.intersection(genes)
+    if len(shared) == 0:
+        raise InputError(
+            f"the query AnnData has none of the reference's {len(genes):,} genes (query genes, first: "
+            f"{list(map(str, adata.var_names[:5]))}; reference genes, first: {list(map(str, genes[:5]))}). Fix: use "
+            "the same gene identifiers as the reference data (symbols vs Ensembl ids)."
+        )
+    if len(shared) < 0.5 * len(genes):
+        warnings.warn(
+            f"the query AnnData has only {len(shared):,} of the reference's {len(genes):,} genes; the other "
+            f"{len(genes) - len(shared):,} are added as zeros (not measured), which may map its cells poorly.",
+            InputWarning,
+            stacklevel=3,
+        )
+    missing = genes.difference(adata.var_names)
+    out = adata
+    if len(missing):
+        zeros = sp.csr_matrix((adata.n_obs, len(missing)), dtype=getattr(adata.X, "dtype", np.float32))
+        padding = anndata.AnnData(
+            X=zeros, layers={k: zeros.copy() for k in adata.layers}, var=pd.DataFrame(index=missing),
+            obs=pd.DataFrame(index=adata.obs_names),
+        )
+        out = anndata.concat([adata, padding], axis=1, join="outer", merge="first", uns_merge="first")
+        out.obs = adata.obs.copy()
+    out = out[:, genes].copy() if not out.var_names.equals(genes) else out
+    if not inplace:
+        return out if out is not adata else adata.copy()
+    if out is not adata:
+        adata._init_as_actual(out)
+    return None
+
+
 def load_query_data(
     cls, adata, reference_model, freeze_batchnorm: bool = True, train_encoder: bool | None = None
 ) -> Any:
@@ -85,22 +179,17 @@ def load_query_data(
         validate_query,
     )
 
-    if not isinstance(reference_model, cls):
-        raise TypeError(
-            f"reference_model must be a trained {cls.__name__}, got {type(reference_model).__name__}. Fix: load it "
-            f"first, e.g. reference_model = {cls.__name__}.load(path, adata=reference_adata)."
-        )
-    reference_model._check_if_trained(warn=False)
-    ref_manager = reference_model.adata_manager
-    args = dict(ref_manager.registry["setup_args"])
+    ref = _reference(cls, reference_model)
+    args = dict(ref.registry["setup_args"])
     if args.get("batch_key") is None:
         raise InputError(
             "the reference model was set up without a batch_key, so it has no batch input to extend. Fix: embed the "
             "query directly with reference_model.get_latent_representation(adata), or train the reference with a "
             "batch_key."
         )
-    validate_genes_match(reference_model.adata.var_names, adata.var_names, where="the query AnnData")
-    ref_batches = [str(b) for b in ref_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping]
+    validate_genes_match(ref.var_names, adata.var_names, where="the query AnnData")
+    batch_state = ref.registry["field_registries"][REGISTRY_KEYS.BATCH_KEY]["state_registry"]
+    ref_batches = [str(b) for b in batch_state["categorical_mapping"]]
     with warnings.catch_warnings():  # setup_anndata below checks (and warns about) the counts again
         warnings.simplefilter("ignore", InputWarning)
         validate_query(adata, layer=args.get("layer"), batch_key=args["batch_key"], labels_key=args.get("labels_key"),
@@ -113,19 +202,17 @@ def load_query_data(
         )
 
     setup = {k: args.get(k) for k in ("layer", "batch_key", "labels_key")}
-    cls.setup_anndata(adata, source_registry=ref_manager.registry, extend_categories=True, **setup)
-    init = reference_model.init_params_
+    cls.setup_anndata(adata, source_registry=ref.registry, extend_categories=True, **setup)
+    init = ref.init_params
     params = {**init.get("non_kwargs", {}), **init.get("kwargs", {}).get("module_kwargs", {})}
     model = cls(adata, **params)
-    ref_module, module = reference_model.module, model.module
-    if ref_module.n_batch != len(ref_batches):
-        raise RuntimeError(f"the reference module has {ref_module.n_batch} batches, its registry {len(ref_batches)}")
+    module = model.module
     g = module.n_input
 
     # the reference's parameters, widened where the batch one-hot grew
     names = {id(p): name for name, p in module.named_parameters()}
     first_layers = {names[id(w)] for w in _first_layer_weights(module)}
-    old_state = ref_module.state_dict()
+    old_state = ref.state_dict
     state = module.state_dict()
     for key, value in state.items():
         old = old_state[key]
@@ -133,7 +220,7 @@ def load_query_data(
             state[key] = old.clone()
         elif key.startswith("prior.") and "pseudo_inputs" in key:  # (K, G + batches): new batches' logits -> -inf
             widened = _widen(old, value, NEW_BATCH_LOGIT)
-            if ref_module.n_batch_input == 0:  # a one-batch reference: its batch (code 0) gets the whole softmax
+            if len(ref_batches) == 1:  # a one-batch reference: its batch (code 0) gets the whole softmax
                 widened[:, g] = 0.0
             state[key] = widened
         elif key in first_layers:  # the new batches' columns start at zero

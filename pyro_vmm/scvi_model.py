@@ -43,6 +43,7 @@ from .backed import BackedMatrix, is_backed
 from .checkpoint import load_checkpoint
 from .expression import ExpressionMixin
 from .infer import AlternatingSVI
+from .quiet import quiet_lightning
 from .training_plan import VMMTrainingPlan
 from .utils import set_seed
 
@@ -589,6 +590,10 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             run_fingerprint,
         )
 
+        if max_epochs is not None:  # 0 would return at once and mark the model trained
+            from .validation import validate_positive_int
+
+            max_epochs = validate_positive_int("max_epochs", max_epochs)
         data_parallel = _data_parallel(trainer_kwargs)
         if data_parallel and seed is None:
             raise ValueError(
@@ -651,16 +656,26 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         # modes it finds: without this a second train() call (or training a loaded model) would run with
         # BatchNorm on its running statistics and dropout off
         self.module.train()
-        runner = self._train_runner_cls(
-            self,
-            training_plan=plan,
-            data_splitter=splitter,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            **trainer_kwargs,
-        )
-        out = runner()
+        callbacks = list(trainer_kwargs.get("callbacks") or [])
+        if enable_progress_bar and trainer_kwargs.get("simple_progress_bar", True):
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from .callbacks import EpochProgressBar  # the loss and the clusters on the bar, no v_num
+
+            trainer_kwargs["simple_progress_bar"] = False
+            if not any(isinstance(c, ProgressBar) for c in callbacks):  # the user's own bar wins
+                trainer_kwargs["callbacks"] = [*callbacks, EpochProgressBar()]
+        with quiet_lightning():
+            runner = self._train_runner_cls(
+                self,
+                training_plan=plan,
+                data_splitter=splitter,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+            out = runner()
         self._numeric_history()
         return out
 
@@ -697,22 +712,54 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         return np.concatenate(parts, axis=0)
 
     def get_latent_representation(
-        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
-    ) -> np.ndarray:
-        """Posterior means :math:`E_q[z \\mid x, s]`, shape ``(n_cells, n_latent)``."""
-        return self._collect(self.module.latent_mean, adata, indices, batch_size)
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The latent of each cell, shape ``(n_cells, n_latent)``, as scvi-tools' ``SCVI.get_latent_representation``:
+        the posterior mean :math:`E_q[z \\mid x, s]` (``give_mean=True``) or one draw :math:`z \\sim q(z \\mid x, s)`
+        (a new one each call); ``return_dist=True`` returns the posterior's ``(means, variances)`` instead.
+        ``mc_samples`` is accepted for scvi-tools compatibility and unused (q is Gaussian: its mean is exact)."""
+        if return_dist:
+            self._check_if_trained(warn=False)
+            means, variances = [], []
+            with torch.inference_mode():
+                for x, b in self._minibatches(adata, indices, batch_size):
+                    m, v = self.module.latent_moments(x, b)
+                    means.append(m.cpu().numpy())
+                    variances.append(v.cpu().numpy())
+            return np.concatenate(means, axis=0), np.concatenate(variances, axis=0)
+        fn = self.module.latent_mean if give_mean else self.module.latent_sample
+        return self._collect(fn, adata, indices, batch_size)
 
     def get_cluster_probabilities(
-        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 100,
+        batch_size: int | None = None,
     ) -> np.ndarray:
-        """:math:`q(c \\mid z)` at the posterior mean z, shape ``(n_cells, K)`` (``normal``: one column of ones)."""
-        return self._collect(self.module.cluster_probs, adata, indices, batch_size)
+        """:math:`q(c \\mid z)`, shape ``(n_cells, K)`` (``normal``: one column of ones): at the posterior mean z
+        (``give_mean=True``), or averaged over ``mc_samples`` posterior draws :math:`z \\sim q(z \\mid x, s)`
+        (``give_mean=False``: the posterior expectation :math:`E_q[q(c \\mid z)]`, which also reflects how uncertain
+        the cell's position is)."""
+        return self._collect(
+            lambda x, b: self.module.cluster_probs(x, b, give_mean=give_mean, mc_samples=mc_samples),
+            adata,
+            indices,
+            batch_size,
+        )
 
     def get_cluster_assignments(
         self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
     ) -> np.ndarray:
         """:math:`\\arg\\max_k q(c = k \\mid z)` at the posterior mean z, shape ``(n_cells,)``."""
-        probs = self.get_cluster_probabilities(adata, indices, batch_size)
+        probs = self.get_cluster_probabilities(adata, indices, batch_size=batch_size)
         return probs.argmax(axis=1).astype(np.int64)
 
     def n_utilized_clusters(self, adata=None) -> int:
@@ -835,12 +882,33 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         return adata
 
     @classmethod
+    def prepare_query_anndata(
+        cls, adata, reference_model: VMMSCVI | str | os.PathLike, return_reference_var_names: bool = False,
+        inplace: bool = True,
+    ):
+        """Put ``adata`` on the genes of ``reference_model`` (a model, or the folder it was saved to), as scvi-tools'
+        ``prepare_query_anndata``: the reference's genes missing from ``adata`` are added as all-zero columns (not
+        measured) and the genes are put in the reference's order (others dropped).  ``inplace`` (default) changes
+        ``adata`` itself and returns ``None``; else a new AnnData is returned.  ``return_reference_var_names``:
+        return the reference's genes only.  See :func:`pyro_vmm.query.prepare_query_anndata`."""
+        from .query import prepare_query_anndata
+
+        return prepare_query_anndata(
+            cls, adata, reference_model, return_reference_var_names=return_reference_var_names, inplace=inplace
+        )
+
+    @classmethod
     def load_query_data(
-        cls, adata, reference_model: VMMSCVI, freeze_batchnorm: bool = True, train_encoder: bool | None = None
+        cls,
+        adata,
+        reference_model: VMMSCVI | str | os.PathLike,
+        freeze_batchnorm: bool = True,
+        train_encoder: bool | None = None,
     ) -> VMMSCVI:
-        """Reference mapping (scArches-style): a copy of ``reference_model`` for the cells of ``adata``, whose only
-        trainable parameters are the weights of the query's new batches; the prior is frozen, so :meth:`train` fits
-        those weights and the query cells get the reference's clusters.  See :mod:`pyro_vmm.query`."""
+        """Reference mapping (scArches-style): a copy of ``reference_model`` (a trained model, or the folder it was
+        saved to) for the cells of ``adata``, whose only trainable parameters are the weights of the query's new
+        batches; the prior is frozen, so :meth:`train` fits those weights and the query cells get the reference's
+        clusters.  See :mod:`pyro_vmm.query`."""
         from .query import load_query_data
 
         return load_query_data(
@@ -851,7 +919,23 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
     def load(cls, dir_path: str, adata=None, *args, prefix: str | None = None, **kwargs):
         """``BaseModelClass.load`` with clear errors: an unreadable or foreign ``model.pt``, and an ``adata`` whose
         genes differ from the saved model's (names and order), are refused before anything is built."""
-        from .validation import InputError, validate_genes_match
+        from .validation import validate_genes_match
+
+        saved = cls._read_saved(dir_path, prefix)
+        if adata is not None and saved.get("var_names") is not None:
+            validate_genes_match(saved["var_names"], adata.var_names, where="the AnnData given to load")
+        model = super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
+        if getattr(model, "reference_batches_", None) is not None:  # a saved query model: freeze it again
+            from .query import freeze_for_query
+
+            freeze_for_query(model)
+        return model
+
+    @classmethod
+    def _read_saved(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """The contents of ``dir_path/model.pt`` written by :meth:`save`; clear errors for a missing, unreadable or
+        foreign file."""
+        from .validation import InputError
 
         path = Path(dir_path) / f"{prefix or ''}model.pt"
         if not path.is_file():
@@ -874,14 +958,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 f"{str(path)!r} holds a {class_name} model, not a {cls.__name__}. Fix: load it with "
                 f"{class_name}.load(...), or pass the folder of a saved {cls.__name__}."
             )
-        if adata is not None and saved.get("var_names") is not None:
-            validate_genes_match(saved["var_names"], adata.var_names, where="the AnnData given to load")
-        model = super().load(dir_path, adata, *args, prefix=prefix, **kwargs)
-        if getattr(model, "reference_batches_", None) is not None:  # a saved query model: freeze it again
-            from .query import freeze_for_query
-
-            freeze_for_query(model)
-        return model
+        return saved
 
     # -------------------------------------------------------------------------------------------- save
     def save(

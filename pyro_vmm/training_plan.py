@@ -49,6 +49,9 @@ from .infer import AlternatingSVI, sample_latent
 
 __all__ = ["VMMTrainingPlan"]
 
+#: per-epoch metrics also logged to the progress bar (the training loss and the utilized clusters)
+PROGRESS_BAR_METRICS = ("elbo_train", "utilized_clusters_train")
+
 
 class VMMTrainingPlan(pl.LightningModule):
     """Train a Pyro scVI module (``model``/``guide``/``prior``) with the alternating VI / EM steps.
@@ -307,8 +310,8 @@ class VMMTrainingPlan(pl.LightningModule):
             metrics["kl_weight"] = self.kl_weight
         if self.guard is not None and self.guard.n_rollbacks:
             metrics["nan_rollbacks"] = float(self.guard.n_rollbacks)
-        for key, value in metrics.items():
-            self.log(key, value)
+        for key, value in metrics.items():  # the loss and the clusters also on the progress bar
+            self.log(key, value, prog_bar=key in PROGRESS_BAR_METRICS)
         self.last_epoch_metrics = metrics
         self._reset_train_accumulators()
         if self.trainer.world_size > 1:
@@ -338,7 +341,7 @@ class VMMTrainingPlan(pl.LightningModule):
         if self._n_val:
             self.log("elbo_validation", float(self._val_sum) / self._n_val)
         if self._val_used is not None:
-            self.log("utilized_clusters_validation", float(self._val_used.sum()))
+            self.log("utilized_clusters_validation", float(self._val_used.sum()), prog_bar=True)
         self._reset_val_accumulators()
 
 

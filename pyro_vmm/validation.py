@@ -398,6 +398,15 @@ def validate_anndata(
             f"layer={layer!r} is not in adata.layers: adata has no layers. Fix: pass layer=None to use adata.X, "
             f'or store the raw counts first with adata.layers["{layer}"] = counts.'
         )
+    if not adata.obs_names.is_unique:
+        dups = adata.obs_names[adata.obs_names.duplicated()].unique()
+        warnings.warn(
+            f"adata has {len(dups):,} duplicated cell name(s) in adata.obs_names (first: {_first(list(dups))}); "
+            "per-cell outputs indexed by cell name (get_normalized_expression, obs columns you add) would repeat "
+            "them. Fix: adata.obs_names_make_unique() before setup_anndata.",
+            InputWarning,
+            stacklevel=2,
+        )
     _check_obs_key(adata, "batch_key", batch_key)
     _check_obs_key(adata, "labels_key", labels_key)
 
@@ -490,7 +499,10 @@ def validate_genes_match(
             "matched to the model's. Fix: make them unique with adata.var_names_make_unique() (or aggregate the "
             "duplicates) before matching to the model's genes."
         )
-    fix = f"Fix: adata = adata[:, reference_var_names].copy() (reference_var_names = the model's {len(ref):,} genes)."
+    fix = (
+        "Fix: VMMSCVI.prepare_query_anndata(adata, model) (model: the model or the folder it was saved to) puts "
+        f"adata on the model's {len(ref):,} genes in the model's order, in place."
+    )
     ref_set, query_set = set(ref), set(query)
     if ref_set == query_set and len(ref) == len(query):
         i = next(i for i, (a, b) in enumerate(zip(ref, query, strict=True)) if a != b)
@@ -507,8 +519,8 @@ def validate_genes_match(
         parts.append(f"{len(extra):,} gene(s) of {where} are not in the model (first: {_first(extra)})")
     if missing:
         fix = (
-            "Fix: add the missing genes (e.g. as all-zero columns), then select and order them with "
-            "adata = adata[:, reference_var_names].copy()."
+            "Fix: VMMSCVI.prepare_query_anndata(adata, model) (model: the model or the folder it was saved to) adds "
+            "the missing genes as all-zero columns (not measured) and orders the genes as the model's, in place."
         )
     raise InputError(f"the genes of {where} do not match the model's: " + "; ".join(parts) + f". {fix}")
 

@@ -207,3 +207,39 @@ def test_a_bad_num_workers_is_refused(small_adata, bad):
     model = VMMSCVI(a, seed=0, **TINY)
     with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
         model.train(max_epochs=1, seed=0, datasplitter_kwargs={"num_workers": bad}, **TRAIN)
+
+
+def test_differential_expression_and_markers_work_on_a_backed_anndata(small_adata, tmp_path, monkeypatch):
+    """scvi-tools' raw-count statistics fail on a backed matrix ('_CSRDataset' has no 'sum'); pyro-vmm's read the
+    groups' rows from the file, with the same numbers, and never load X."""
+    from scvi.model._utils import scrna_raw_counts_properties
+
+    from pyro_vmm.expression import backed_raw_counts_properties
+
+    path = tmp_path / "small.h5ad"
+    small_adata.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backed matrix was loaded into memory")
+
+    monkeypatch.setattr(type(backed.X), "to_memory", refuse)
+    try:
+        _, model = _train_latent(backed)
+        memory = small_adata.copy()
+        VMMSCVI.setup_anndata(memory, batch_key="batch")
+        in_memory = VMMSCVI(memory, seed=0, **TINY).adata_manager
+        idx1 = (backed.obs["batch"] == "CTRL").to_numpy()
+        expected = scrna_raw_counts_properties(in_memory, idx1, ~idx1)
+        got = backed_raw_counts_properties(model.adata_manager, idx1, ~idx1, chunk=50)
+        assert list(got) == list(expected)
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
+
+        de = model.differential_expression(groupby="batch", group1="CTRL", mode="change", silent=True)
+        assert len(de) == backed.n_vars and np.isfinite(de["lfc_mean"]).all()
+        np.testing.assert_allclose(de.loc[backed.var_names, "raw_mean1"], expected["raw_mean1"], rtol=1e-6)
+        markers = model.cluster_markers(min_cells=5, silent=True, seed=0)
+        assert {"cluster", "gene", "lfc_mean"} <= set(markers.columns)
+    finally:
+        backed.file.close()

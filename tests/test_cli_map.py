@@ -78,7 +78,6 @@ def test_map_onto_a_reference_without_batch_key_says_how_to_fix(small_h5ad, tmp_
         (lambda a, root: a.__setitem__(a.index("--reference") + 1, str(root)), "has no model or adata.h5ad"),
         (lambda a, root: a.__setitem__(a.index("--labels-key") + 1, "celltype"), "not a column of the reference"),
         (lambda a, root: a.__setitem__(a.index("--data") + 1, str(root / "few_genes.h5ad")), "lacks 166 of the model's 200 genes"),
-        (lambda a, root: a.__setitem__(a.index("--data") + 1, str(root / "ref.h5ad")), "no batch the reference lacks"),
     ],
 )
 def test_map_bad_input_gives_one_clear_error_line(reference_and_query, tmp_path, capsys, change, message):
@@ -92,3 +91,21 @@ def test_map_bad_input_gives_one_clear_error_line(reference_and_query, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pyro-vmm map: error:") and message in err[-1], err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_map_embeds_cells_of_known_batches_with_the_frozen_reference(reference_and_query, tmp_path, capsys):
+    """Query cells whose batch the reference was trained on are embedded as the reference embeds them (no training),
+    and the command says so instead of asking for Python."""
+    ref, _ = reference_and_query
+    out = tmp_path / "known"
+    args = _map_args(ref, ref.parent / "ref.h5ad", out)
+    assert main(args) == 0
+    said = capsys.readouterr().err
+    assert "embedding the query cells with the reference model as it is (frozen, no training)" in said
+    assert {p.name for p in out.iterdir()} == {"adata.h5ad", "metrics.json", "mde.png"}
+    query, reference = anndata.read_h5ad(out / "adata.h5ad"), anndata.read_h5ad(ref / "adata.h5ad")
+    np.testing.assert_allclose(query.obsm["X_vmm"], reference.obsm["X_vmm"], rtol=1e-5, atol=1e-5)  # the same cells
+    np.testing.assert_array_equal(query.obs["vmm_cluster"].astype(str), reference.obs["vmm_cluster"].astype(str))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "embedded" and metrics["elbo"]["train_final"] is None
+    assert metrics["data"]["batches"] == metrics["data"]["reference_batches"] == ["b0"]

@@ -54,7 +54,9 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
     assert {p.name for p in out.iterdir()} == written | ({"markers.png"} if len(markers) else set())
 
     adata = anndata.read_h5ad(out / "adata.h5ad")
-    assert adata.shape == (300, 300) and adata.var["highly_variable"].sum() == 200
+    assert adata.shape == (300, 200) and adata.var["highly_variable"].all()  # the model's genes ...
+    assert adata.raw.shape == (300, 300) and adata.raw.var["highly_variable"].sum() == 200  # ... all genes in raw
+    np.testing.assert_array_equal(adata.raw.X.toarray(), anndata.read_h5ad(small_h5ad).X.toarray())
     z = adata.obsm["X_vmm"]
     probs = adata.obsm["vmm_cluster_probs"]
     assert z.shape == (300, 4) and np.isfinite(z).all()
@@ -94,11 +96,10 @@ def test_scrna_writes_every_output_well_formed(small_h5ad, tmp_path):
         p.name: plain_mode for p in out.iterdir() if p.is_file()
     }
 
-    # the saved model reloads on the genes it was trained on and gives the same latent
+    # the saved model reloads with the written AnnData as it is, and gives the same latent
     from pyro_vmm import VMMSCVI
 
-    hvg = adata[:, adata.var["highly_variable"].to_numpy()].copy()
-    model = VMMSCVI.load(str(out / "model"), adata=hvg)
+    model = VMMSCVI.load(str(out / "model"), adata=anndata.read_h5ad(out / "adata.h5ad"))
     np.testing.assert_allclose(model.get_latent_representation(), z, rtol=1e-4, atol=1e-4)
 
     # an existing output folder is not overwritten silently
@@ -148,3 +149,52 @@ def test_scrna_help_states_the_default_epochs():
         [sys.executable, "-m", "pyro_vmm", "scrna", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--max-epochs" in out and "kang_ifnb_2800" in out and "--no-scib" in out
+
+
+def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp_path):
+    """No Lightning tip, no known-harmless deprecation or ``log_every_n_steps`` warning on the terminal; the
+    progress bar shows the training loss and the utilized clusters (not ``v_num``)."""
+    import os
+
+    from _data import kang_subset
+
+    data = tmp_path / "kang_small.h5ad"
+    kang_subset(shared_data / "scrna" / "kang_ifnb_2800.h5ad", n_cells=300, n_genes=300).write_h5ad(data)
+    args = [a for a in _args(data, tmp_path / "run", "--no-markers", "--no-mde") if a != "--no-progress"]
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # show every warning once, as a plain run would
+    done = subprocess.run([sys.executable, "-m", "pyro_vmm", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    noisy = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if any(word in line for word in ("Tip:", "deprecated", "log_every_n_steps"))]
+    assert noisy == []
+    terminal = (done.stdout + done.stderr).replace("\r", "\n")
+    assert "train_loss=" in terminal and "clusters=" in terminal and "v_num" not in terminal
+
+
+@pytest.mark.parametrize("command", ["scrna", "map", "images", "images-sweep"])
+def test_help_states_each_default_once_and_only_where_it_says_something(command):
+    """No default printed twice, no '(default: None)', required options without a default, defaults shown on every
+    option that has one (the images commands too), and every option explained."""
+    import argparse
+    import re
+
+    from pyro_vmm.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    text = sub.format_help()
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one entry per option
+    by_option = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries if e.strip().startswith("--")}
+    assert "(default: None)" not in text
+    for action in sub._actions:
+        if not action.option_strings or action.option_strings[0] in ("-h", "--help"):
+            continue
+        entry = by_option[action.option_strings[0]]
+        help_text = entry.split(" ", 1)[1] if " " in entry else ""
+        assert action.help and len(action.help) > 3, f"{action.option_strings[0]} has no help text"
+        assert len(re.findall(r"\(default\b", entry)) <= 1, f"default twice: {entry}"
+        if action.required:
+            assert "default" not in help_text, entry
+        elif action.default is not None and action.nargs != 0:
+            assert "default" in help_text, f"no default shown: {entry}"
+    assert "random seed" in by_option["--seed"]

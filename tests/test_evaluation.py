@@ -60,7 +60,7 @@ def test_pca_embedding_matches_svd_of_log_normalised_counts():
     assert sparse.issparse(adata.X) and np.allclose(adata.X.toarray(), counts)  # input untouched
 
 
-def test_scib_table_orders_integrated_above_shuffled(shared_data):
+def test_scib_table_orders_integrated_above_shuffled(shared_data, tmp_path):
     from pyro_vmm.data.scrna import load_shared
 
     adata = load_shared("cellbench_3cl", shared_data / "scrna")  # 499 cells, 2 technologies, 3 cell lines
@@ -72,7 +72,9 @@ def test_scib_table_orders_integrated_above_shuffled(shared_data):
     # kBET, isolated labels and PCR are skipped only to keep the test fast (their jax compilation takes minutes on a
     # loaded 2-core CPU); the remaining metrics still cover both aggregates
     config = ScibConfig(exclude=("kbet_per_label", "isolated_labels", "pcr_comparison"))
-    table = scib_table(adata, "batch", "cell_type", ["integrated", "shuffled"], config=config)
+    log = tmp_path / "scib.log"
+    table = scib_table(adata, "batch", "cell_type", ["integrated", "shuffled"], config=config, log_file=log)
+    assert log.is_file()
     assert list(table.index) == ["integrated", "shuffled"]
     assert {"Batch correction", "Bio conservation", "Total", "KMeans NMI", "iLISI", "cLISI"} <= set(table.columns)
     assert not {"KBET", "Isolated labels", "PCR comparison"} & set(table.columns)
@@ -86,6 +88,29 @@ def test_scib_table_orders_integrated_above_shuffled(shared_data):
         scib_table(adata, "batch", "cell_type", ["missing"])
     with pytest.raises(ValueError, match="unknown metric"):
         scib_table(adata, "batch", "cell_type", ["integrated"], config=ScibConfig(exclude=("kbet",)))
+
+
+def test_log_to_file_moves_a_library_logger_off_the_terminal_and_back(tmp_path):
+    """scIB's per-label INFO lines go to a file in ``pyro-vmm scrna``; the logger is as before afterwards."""
+    import io
+    import logging
+
+    from pyro_vmm.quiet import log_to_file
+
+    lib = logging.getLogger("pyro_vmm_test_lib")
+    terminal = io.StringIO()
+    handler = logging.StreamHandler(terminal)
+    lib.addHandler(handler)
+    lib.propagate = False
+    try:
+        with log_to_file("pyro_vmm_test_lib", tmp_path / "lib.log"):
+            logging.getLogger("pyro_vmm_test_lib.metrics").info("B cells consist of a single batch. Skip.")
+        assert "single batch" in (tmp_path / "lib.log").read_text() and terminal.getvalue() == ""
+        assert lib.handlers == [handler] and lib.propagate is False
+        lib.warning("after")
+        assert "after" in terminal.getvalue()
+    finally:
+        lib.removeHandler(handler)
 
 
 def _fake_trial(batch_size: int, plr: float, seed: int) -> dict:

@@ -142,8 +142,10 @@ def test_query_mapping_errors(split, shared_data):
     model, ref, query = split
     with pytest.raises(InputError, match="no batch the reference lacks"):
         VMMSCVI.load_query_data(ref.copy(), model)
-    with pytest.raises(TypeError, match="must be a trained VMMSCVI"):
-        VMMSCVI.load_query_data(query.copy(), "runs/model")
+    with pytest.raises(TypeError, match="must be a trained VMMSCVI or the folder it was saved to"):
+        VMMSCVI.load_query_data(query.copy(), 42)
+    with pytest.raises(InputError, match="no saved model at 'runs/missing/model.pt'"):
+        VMMSCVI.load_query_data(query.copy(), "runs/missing")
     with pytest.raises(InputError, match="genes of the query AnnData do not match"):
         VMMSCVI.load_query_data(query[:, :-5].copy(), model)
     no_labels = query.copy()
@@ -197,3 +199,33 @@ def test_new_columns_get_gradients_in_query_training(split):
     assert enc.grad[:, -1].abs().max() > 1e-2 and dec.grad[:, -1].abs().max() > 1e-2
     assert all(not m.training for m in q.module.modules() if isinstance(m, torch.nn.BatchNorm1d))
     assert any(m.training for m in q.module.modules() if isinstance(m, torch.nn.Dropout))  # dropout stays on
+
+
+def test_prepare_query_anndata_and_mapping_from_a_saved_folder(split, tmp_path):
+    """scvi-tools' route: prepare_query_anndata (missing genes as zeros, the reference's order) and
+    load_query_data with the reference's saved folder, which gives the same query model as the model object."""
+    model, ref, query = split
+    model.save(tmp_path / "ref", overwrite=True)
+    genes = list(ref.var_names)
+    raw = query[:, genes[::-1][10:]].copy()  # 10 reference genes missing, the others reversed
+    raw.var["note"] = "x"
+    raw.layers["counts"] = raw.X.copy()
+    for reference in (model, tmp_path / "ref", str(tmp_path / "ref")):
+        ready = VMMSCVI.prepare_query_anndata(raw, reference, inplace=False)
+        assert list(ready.var_names) == genes and raw.n_vars == 190  # raw left as it was
+        assert list(VMMSCVI.prepare_query_anndata(raw, reference, return_reference_var_names=True)) == genes
+    missing = ~ref.var_names.isin(raw.var_names)
+    assert missing.sum() == 10 and ready[:, missing].X.sum() == 0 and ready.layers["counts"][:, missing].sum() == 0
+    np.testing.assert_array_equal(ready[:, raw.var_names].X.toarray(), raw.X.toarray())
+    assert list(ready.obs_names) == list(raw.obs_names) and "sample" in ready.obs
+    assert VMMSCVI.prepare_query_anndata(raw, model) is None and list(raw.var_names) == genes  # in place
+    with pytest.raises(InputError, match="none of the reference's 200 genes"):
+        VMMSCVI.prepare_query_anndata(raw[:, :0].copy(), model)
+
+    from_object = VMMSCVI.load_query_data(query.copy(), model)
+    from_folder = VMMSCVI.load_query_data(query.copy(), str(tmp_path / "ref"))
+    assert from_folder.reference_batches_ == from_object.reference_batches_ == ["c1", "s1"]
+    for (k1, v1), (k2, v2) in zip(from_object.module.state_dict().items(), from_folder.module.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    mapping = from_folder.adata_manager.get_state_registry("batch").categorical_mapping
+    assert list(mapping) == ["c1", "s1", "c2"] and from_folder.query_train_encoder_ == from_object.query_train_encoder_

@@ -42,11 +42,52 @@ def test_readme_vmmscvi_example_runs(tmp_path, monkeypatch, shared_data):
     assert "lfc_mean" in de.columns and (tmp_path / "runs" / "my_model" / "model.pt").is_file()
 
 
-def test_readme_quick_start_commands_are_the_ci_commands():
+MAIN_JOB = ("pyro-vmm scrna --data ../shared/data/scrna/kang_ifnb_2800.h5ad --batch-key batch --labels-key cell_type "
+            "--out runs/kang")
+
+
+def _make_n(*args: str) -> list[str]:
+    """The commands ``make -n ARGS`` would run in the repository root (nothing is run)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-n", "-C", str(README.parent), *args], capture_output=True, text=True, check=True)
+    return [line for line in done.stdout.splitlines() if not line.startswith("make")]
+
+
+def test_readme_quick_start_is_two_make_commands_that_ci_runs():
     text = README.read_text()
+    quick = text[text.index("## Quick start"):]
+    two_commands = r"```bash\nmake demo[^\n]*\n(#[^\n]*\n)*make test[^\n]*\n```"
+    assert re.search(two_commands, quick), "the quick start should be make demo, then make test"
+    assert "python -m pytest -n 2 -q" in text and MAIN_JOB in text  # the manual route, documented below
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python -m pytest -n 2 -q" in text and "python -m pytest -n 2 -q" in ci
-    assert "pyro-vmm scrna --data ../shared/data/scrna/kang_ifnb_2800.h5ad" in text
+    assert re.search(r"^exec make test\b", ci, re.M)
+
+
+def test_make_demo_and_test_install_once_then_reuse_the_environment(tmp_path):
+    import os
+
+    venv = tmp_path / "venv"
+    fresh = "\n".join(_make_n("-B", "demo", f"VENV={venv}"))  # -B: as on a fresh clone
+    assert f"python3 -m venv {venv}" in fresh
+    installs = [line for line in fresh.splitlines() if "pip install" in line]
+    assert len(installs) == 2 and 'pip install -q torch==2.13.0 -e ".[test]"' in installs[0]
+    assert "pip install -q --no-deps pymde==0.3.0" in installs[1]
+    assert 'python -c "import scvi, pyro_vmm._compat as c; c.import_pymde()"' in fresh
+    assert f"{venv}/bin/{MAIN_JOB}" in fresh
+    assert f"{venv}/bin/python -m pytest -n 2 -q" in "\n".join(_make_n("-B", "test", f"VENV={venv}"))
+
+    venv.mkdir()
+    stamp = venv / ".installed"
+    stamp.touch()  # installed after the last change of pyproject.toml: reused
+    assert _make_n("test", f"VENV={venv}") == [f"MPLBACKEND=Agg PYTHONHASHSEED=0 {venv}/bin/python -m pytest -n 2 -q"]
+    os.utime(stamp, (0, 0))  # pyproject.toml changed since: installed again
+    assert any("pip install" in line for line in _make_n("test", f"VENV={venv}"))
 
 
 def test_readme_backed_example_runs_without_loading_the_matrix(tmp_path, monkeypatch, shared_data):

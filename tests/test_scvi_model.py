@@ -310,6 +310,34 @@ def test_subset_indices_and_new_adata(trained_vmm):
     np.testing.assert_allclose(model.get_latent_representation(other), z[::2], rtol=1e-5, atol=1e-6)
 
 
+def test_give_mean_false_draws_differ_and_average_to_the_mean(trained_vmm):
+    """SCVI's getter arguments: a posterior draw per call, ``return_dist`` the posterior's mean and variance."""
+    model = trained_vmm
+    mean = model.get_latent_representation()
+    loc, var = model.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(loc, mean, rtol=1e-6, atol=1e-6)
+    assert var.shape == mean.shape and (var > 0).all()
+    draws = np.stack([model.get_latent_representation(give_mean=False, batch_size=128) for _ in range(300)])
+    assert not np.array_equal(draws[0], draws[1])
+    sem = np.sqrt(var / len(draws))
+    assert (np.abs(draws.mean(0) - mean) < 5 * sem + 1e-6).mean() > 0.99
+    np.testing.assert_allclose(draws.var(0).mean(), var.mean(), rtol=0.1)
+
+    at_mean = model.get_cluster_probabilities()
+    p1 = model.get_cluster_probabilities(give_mean=False, mc_samples=1)
+    p2 = model.get_cluster_probabilities(give_mean=False, mc_samples=1)
+    assert not np.allclose(p1, p2) and np.allclose(p1.sum(1), 1.0, atol=1e-5)
+    # the average over draws is E_q[q(c | z)]: the mean of q(c | z) at draws of z
+    averaged = model.get_cluster_probabilities(give_mean=False, mc_samples=300)
+    prior, enc = model.module.prior, model.module.pseudo_posterior
+    with torch.no_grad():
+        by_hand = np.mean([prior.cluster_probs(torch.as_tensor(d), enc).numpy() for d in draws], axis=0)
+    assert np.abs(averaged - by_hand).max() < 0.15 and np.abs(averaged - by_hand).mean() < 0.01
+    np.testing.assert_allclose(averaged.sum(1), 1.0, atol=1e-5)
+    assert not np.allclose(averaged, at_mean, atol=1e-3)
+    np.testing.assert_array_equal(model.get_cluster_assignments(), at_mean.argmax(1))
+
+
 @pytest.mark.parametrize("prior", ["normal", "vampprior", "gmm"])
 def test_every_prior_trains(small_adata, prior):
     a = _setup(small_adata)
@@ -418,6 +446,21 @@ def test_clear_errors(small_adata):
         model.get_latent_representation()
 
 
+def test_zero_epochs_are_refused_and_duplicated_cell_names_warn_with_the_fix(small_adata):
+    from pyro_vmm.validation import InputWarning
+
+    model = VMMSCVI(_setup(small_adata), prior="normal", **TINY)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1, got 0"):
+        model.train(max_epochs=0, **TRAIN)
+    assert not model.is_trained_
+    dup = small_adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own warning
+        dup.obs_names = np.r_[dup.obs_names[:-2], dup.obs_names[:2]]
+    with pytest.warns(InputWarning, match=r"2 duplicated cell name.*Fix: adata\.obs_names_make_unique\(\)"):
+        VMMSCVI.setup_anndata(dup, batch_key="batch")
+
+
 # ------------------------------------------------------------------------------------------------ PPC
 def test_posterior_predictive_is_not_the_observed_data(trained_vmm):
     model = trained_vmm
@@ -515,7 +558,7 @@ def test_query_and_load_refuse_other_genes_and_corrupt_files(trained_vmm, small_
 
     model = trained_vmm
     reordered = small_adata[:, ::-1].copy()
-    with pytest.raises(InputError, match="in a different order.*Fix: adata = adata\\[:, reference_var_names\\]"):
+    with pytest.raises(InputError, match=r"in a different order.*Fix: VMMSCVI\.prepare_query_anndata\(adata, model\)"):
         model.get_latent_representation(reordered)
     fewer = small_adata[:, :-3].copy()
     with pytest.raises(InputError, match="3 of the model's genes are missing from the query AnnData"):

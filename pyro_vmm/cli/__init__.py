@@ -15,6 +15,18 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help only where it says something: not on required options, flags,
+    options whose default is ``None`` (their help says what happens), or help that already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0
+                or "(default" in text or "default:" in text):
+            return text
+        return super()._get_help_string(action)
+
+
 #: subcommand modules (each defines ``add_parser(subparsers) -> None`` that sets ``func``)
 SUBCOMMANDS = ("pyro_vmm.cli.scrna", "pyro_vmm.cli.mapping", "pyro_vmm.cli.images")
 

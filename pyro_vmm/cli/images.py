@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import HelpFormatter
+
 PRIOR_CHOICES = ("normal", "vampprior", "gmm", "vmm", "vade")
 
 
@@ -65,29 +67,40 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _preset_default(field: str) -> str:
+    """``(default: digits X, mnist Y, ...)``: the per-data-set value an unset option takes."""
+    def show(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    return "(default: " + ", ".join(f"{name} {show(getattr(p, field))}" for name, p in PRESETS.items()) + ")"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=tuple(PRESETS), default="digits", help="data set (default: digits)")
     p.add_argument("--data-dir", default=None, help="folder with the idx files (default: download + cache)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing idx files")
-    p.add_argument("--subset", type=int, default=None, help="use N random images (train + validation)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use N random images (train + validation) (default: all images)")
     p.add_argument("--latent-dim", type=int, default=None, help="D (default: digits 10, MNIST 10, Fashion-MNIST 30)")
     p.add_argument("--n-clusters", type=int, default=None, help="K, the most clusters (default 100; VaDE 10)")
-    p.add_argument("--hidden", type=_int_list, default=None, help="encoder hidden sizes, e.g. 500,500,2000")
+    p.add_argument("--hidden", type=_int_list, default=None,
+                   help=f"encoder hidden sizes, e.g. 500,500,2000 {_preset_default('hidden')}")
     p.add_argument("--prior-lr-ratio", type=float, default=1.0, help="EM learning rate / VI learning rate")
     p.add_argument("--init-sigma", type=float, default=None,
                    help="initial likelihood scale sigma (default: digits 0.2, MNIST / Fashion-MNIST 1 as the paper)")
     p.add_argument("--em-objective", choices=("textbook", "reference"), default=None,
                    help="EM objective: responsibilities held fixed (textbook) or left on the graph as the reference "
                         "code (default: digits reference, others textbook)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the VI step")
-    p.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
-    p.add_argument("--patience", type=int, default=None, help="early-stopping patience (epochs)")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate of the VI step {_preset_default('lr')}")
+    p.add_argument("--epochs", type=int, default=None, help=f"maximum number of epochs {_preset_default('epochs')}")
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"early-stopping patience (epochs) {_preset_default('patience')}")
     p.add_argument(
         "--monitor", choices=("elbo", "nmi"), default="elbo",
-        help="early-stopping criterion: the validation ELBO (label-free, default) or the paper's validation "
+        help="early-stopping criterion: the validation ELBO (label-free) or the paper's validation "
              "NMI-unmerged (uses the validation labels to pick the epoch, as the paper does)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (a CPU run is repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: 1 for digits, else torch's choice)"
@@ -102,9 +115,11 @@ def add_parser(subparsers) -> None:
         help="cluster images (digits, MNIST, Fashion-MNIST) with a VAE and one of the priors",
         description="Train the paper's image VAE with a prior (or VaDE), report clustering scores, save the model "
         "and a figure of prior predictive samples per utilized cluster.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--prior", choices=PRIOR_CHOICES, default="vmm", help="latent prior, or 'vade' (default: vmm)")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (tunes the number of clusters)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"minibatch size (tunes the number of clusters) {_preset_default('batch_size')}")
     p.add_argument(
         "--vade-pretrain-epochs", type=int, default=None, help="VaDE pre-training epochs (default round(5 B / 100))"
     )
@@ -115,8 +130,9 @@ def add_parser(subparsers) -> None:
         "images-sweep",
         help="utilized clusters and NMI against batch size (paper Figure 1)",
         description="Train one model per batch size and seed; plot utilized clusters and unmerged NMI.",
+        formatter_class=HelpFormatter,
     )
-    s.add_argument("--prior", choices=("gmm", "vmm"), default="vmm")
+    s.add_argument("--prior", choices=("gmm", "vmm"), default="vmm", help="latent prior")
     s.add_argument("--batch-sizes", type=_int_list, default=[16, 32, 64, 128, 256], help="comma-separated list")
     s.add_argument("--n-seeds", type=int, default=1, help="seeds per batch size: seed, seed+1, ...")
     _add_common(s)

@@ -4,9 +4,11 @@
 
 ``--reference`` is the output folder of ``pyro-vmm scrna`` (its ``model/`` and ``adata.h5ad``).  The query file needs
 raw counts (``X`` or ``--layer``) for every gene the model uses (matched by name; other genes are kept but not used)
-and the model's batch column, with at least one batch the reference was not trained on.  Steps:
-``VMMSCVI.load_query_data`` (scArches-style: only the new batches' weights train; encoder, decoder and the VMM prior
-stay as they are) -> train on the query cells -> write into ``DIR``:
+and the model's batch column.  Steps: ``VMMSCVI.load_query_data`` (scArches-style: only the new batches' weights
+train; encoder, decoder and the VMM prior stay as they are) -> train on the query cells -> write into ``DIR``.  When
+every batch of the query is one the reference was trained on there is nothing to learn: the query cells are embedded
+by the reference model as it is (frozen, no training; the command says so, ``metrics.json`` has ``"mode":
+"embedded"``, and no ``training.png`` or ``model/`` is written).
 
 - ``adata.h5ad``: the query cells and all their genes with ``obsm["X_vmm"]``, ``obs["vmm_cluster"]`` (the reference's
   clusters) and ``obsm["vmm_cluster_probs"]``; with ``--labels-key`` (a column of the reference) also
@@ -15,8 +17,9 @@ stay as they are) -> train on the query cells -> write into ``DIR``:
 - ``metrics.json``: settings, sizes, the query's batches, clusters used, ELBOs, runtime and, when the query has the
   labels column too, the accuracy and macro F1 of the transferred labels;
 - ``mde.png``: one MDE of reference and query cells together, coloured by reference/query, label and VMM cluster;
-- ``training.png``: the query training's −ELBO (train, validation) and utilized clusters per epoch;
-- ``model/``: the query model (``VMMSCVI.load("DIR/model", adata)`` with the query cells on the model's genes).
+- ``training.png`` (when trained): the query training's −ELBO (train, validation) and utilized clusters per epoch;
+- ``model/`` (when trained): the query model (``VMMSCVI.load("DIR/model", adata)`` with the query cells on the
+  model's genes).
 
 As with ``scrna``, outputs are staged and moved into place together only when all are complete.
 """
@@ -32,6 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from . import HelpFormatter
 from .scrna import (
     add_run_args,
     check_out,
@@ -58,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the "
             "query model into --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     io = p.add_argument_group("data and output")
     io.add_argument("--reference", required=True, metavar="DIR", help="output folder of 'pyro-vmm scrna'")
@@ -165,27 +169,42 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"{int(empty.sum())} query cells have no counts in the model's {len(genes)} genes and are "
                       "left out", stacklevel=2)
         used, query = used[~empty].copy(), query[~empty].copy()
-    model = VMMSCVI.load_query_data(used, ref_model)
-    log(f"training the new batches' weights on {used.n_obs} cells")
+    from scvi import REGISTRY_KEYS
+
+    ref_batches = [str(b) for b in
+                   ref_model.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping]
+    query_batches = sorted(map(str, used.obs[batch_key].astype(str).unique())) if batch_key in used.obs else None
+    frozen = query_batches is not None and set(query_batches) <= set(ref_batches)
     t_train = time.perf_counter()
-    model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                early_stopping=False, accelerator=args.accelerator, enable_progress_bar=not args.no_progress)
+    if frozen:  # nothing new to learn: the reference model embeds these cells as it embeds its own
+        print(f"[pyro-vmm map] the reference was trained on every batch of the query ({', '.join(query_batches)}): "
+              "embedding the query cells with the reference model as it is (frozen, no training)", file=sys.stderr)
+        model, on = ref_model, used
+    else:
+        model, on = VMMSCVI.load_query_data(used, ref_model), None
+        log(f"training the new batches' weights on {used.n_obs} cells")
+        model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    early_stopping=False, accelerator=args.accelerator, enable_progress_bar=not args.no_progress)
     train_s = time.perf_counter() - t_train
 
-    latent, _, assign = store_embedding(query, model)
+    latent, _, assign = store_embedding(query, model, on)
     ref_clusters = np.asarray(reference.obs["vmm_cluster"]).astype(int) if "vmm_cluster" in reference.obs else None
     metrics: dict[str, Any] = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
         "data": {"path": str(args.data), "n_cells": int(query.n_obs), "n_genes": int(query.n_vars),
                  "n_genes_used": len(genes), "n_cells_left_out_empty": int(empty.sum()),
                  "batches": sorted(map(str, query.obs[batch_key].astype(str).unique())),
-                 "reference_batches": list(model.reference_batches_), "n_reference_cells": int(reference.n_obs)},
+                 "reference_batches": ref_batches, "n_reference_cells": int(reference.n_obs)},
+        # "embedded": every query batch is a reference batch, cells embedded by the frozen reference model;
+        # "mapped": the new batches' weights were trained (scArches)
+        "mode": "embedded" if frozen else "mapped",
         "utilized_clusters": int(np.unique(assign).size),
         "cluster_sizes": {str(k): int(v) for k, v in zip(*np.unique(assign, return_counts=True), strict=True)},
         "share_in_reference_clusters": (float(np.isin(assign, ref_clusters).mean()) if ref_clusters is not None
                                         else None),
         "label_transfer": None,
-        "elbo": {"train_final": last_value(model.history, "elbo_train"), "all_cells": -float(model.get_elbo())},
+        "elbo": {"train_final": None if frozen else last_value(model.history, "elbo_train"),
+                 "all_cells": -float(model.get_elbo(on))},
         "runtime_s": {"train": train_s},
         "environment": environment(model),
     }
@@ -220,11 +239,12 @@ def run(args: argparse.Namespace) -> int:
                 keys.append(key)
             mde_figure(both, "X_vmm", color_keys=[*keys, "vmm_cluster"], path=staging / "mde.png", seed=args.seed,
                        titles=titles)
-        if model.history.get("elbo_train") is not None:
+        if not frozen and model.history.get("elbo_train") is not None:
             from pyro_vmm.plotting import training_curves
 
             training_curves(model.history, path=staging / "training.png")
-        model.save(str(staging / "model"), overwrite=True)
+        if not frozen:  # embedded cells need no model of their own: the reference's is in --reference
+            model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
             query.write_h5ad(tmp)
         metrics["runtime_s"]["total"] = time.perf_counter() - t_start

@@ -5,8 +5,9 @@
 Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes (batch-aware) -> train
 ``pyro_vmm.VMMSCVI`` -> write into ``DIR``:
 
-- ``adata.h5ad``: the input cells and all genes (``var["highly_variable"]`` marks the genes used), with
-  ``obsm["X_vmm"]`` (posterior means E_q[z|x]), ``obs["vmm_cluster"]`` (argmax_k q(c=k|z)) and
+- ``adata.h5ad``: the input cells on the model's genes (it loads as is: ``VMMSCVI.load("DIR/model",
+  adata=anndata.read_h5ad("DIR/adata.h5ad"))``), all genes kept in ``.raw`` (``raw.var["highly_variable"]`` marks
+  the genes used), with ``obsm["X_vmm"]`` (posterior means E_q[z|x]), ``obs["vmm_cluster"]`` (argmax_k q(c=k|z)) and
   ``obsm["vmm_cluster_probs"]`` (q(c|z), N x K);
 - ``metrics.json``: settings, data sizes, utilized clusters, clustering metrics vs ``--labels-key`` (when given),
   final training/validation ELBOs, runtime, and scIB metrics of the latent and of an unintegrated PCA (unless
@@ -18,7 +19,8 @@ Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes
   expression of the cluster against all other cells, batch-corrected; ``VMMSCVI.cluster_markers``) and their dot
   plot, clusters numbered as in ``mde.png`` (unless ``--no-markers``);
 - ``training.png``: −ELBO (train, validation), the EM loss and the utilized clusters per epoch;
-- ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``).
+- ``model/``: the saved model (``VMMSCVI.load("DIR/model", adata)``);
+- ``scib.log`` (with the scIB metrics): scib-metrics' log lines (e.g. the labels kBET skips), kept off the terminal.
 
 All outputs are first written into a staging folder inside ``DIR`` and moved into place together only when every
 one of them is complete, so a failed run leaves no partial output behind.
@@ -41,13 +43,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import HelpFormatter
+
 #: default number of epochs: 2,000 minibatch steps on the 2800-cell kang_ifnb_2800 set (the tuning sweep's budget)
 DEFAULT_MAX_EPOCHS = 100
 #: default EM / VI learning-rate ratio: the Figure-5 sweep's choice on kang_ifnb_2800 (benchmarks/scrna_tuning.py)
 DEFAULT_PRIOR_LR_RATIO = 2.5
 #: files and folders the command writes into --out
 OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "training.png",
-           "model")
+           "model", "scib.log")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "figure mde.png, the cluster composition figure clusters.png, the clusters' marker genes (markers.csv, "
             "markers.png), the training curves training.png and the saved model/ into --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     io = p.add_argument_group("data and output")
     io.add_argument("--data", required=True, metavar="FILE.h5ad", help="AnnData file with raw counts")
@@ -90,8 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--prior-lr-ratio",
         type=float,
         default=DEFAULT_PRIOR_LR_RATIO,
-        help="EM-step learning rate = lr x this ratio (default 2.5, tuned on kang_ifnb_2800; larger prunes more "
-        "clusters -- tune per data set with benchmarks/scrna_tuning.py, paper Figure 5)",
+        help="EM-step learning rate = lr x this ratio (tuned on kang_ifnb_2800; larger prunes more clusters -- "
+        "tune per data set with benchmarks/scrna_tuning.py, paper Figure 5)",
     )
     t.add_argument("--patience", type=int, default=45, help="early-stopping patience in epochs (0: no early stopping)")
     add_run_args(t)
@@ -203,19 +207,30 @@ def staged(out: Path, outputs: tuple[str, ...]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def store_embedding(adata, model):
+def store_embedding(adata, model, on=None):
     """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``)
-    and their argmax (``obs["vmm_cluster"]``) into ``adata``; returns (latent, probs, assignments)."""
+    and their argmax (``obs["vmm_cluster"]``) of the cells of ``on`` (default: the model's AnnData) into ``adata``;
+    returns (latent, probs, assignments)."""
     import numpy as np
     import pandas as pd
 
-    latent = model.get_latent_representation()
-    probs = model.get_cluster_probabilities()
+    latent = model.get_latent_representation(on)
+    probs = model.get_cluster_probabilities(on)
     assign = probs.argmax(axis=1)
     adata.obsm["X_vmm"] = latent.astype(np.float32)
     adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
     adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))
     return latent, probs, assign
+
+
+def on_model_genes(adata, genes):
+    """``adata`` on the model's ``genes`` (so ``VMMSCVI.load(DIR/"model", adata=read_h5ad(DIR/"adata.h5ad"))``
+    works as is), with every gene of the input kept in ``.raw`` (scanpy's place for the full gene set)."""
+    if list(adata.var_names) == list(genes):
+        return adata
+    out = adata[:, list(genes)].copy()
+    out.raw = adata
+    return out
 
 
 def environment(model) -> dict[str, Any]:
@@ -314,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         "markers": None,
         "environment": environment(model),
     }
+    scib_log = None
     if args.labels_key:
         from pyro_vmm.evaluation import clustering_scores
 
@@ -329,7 +345,10 @@ def run(args: argparse.Namespace) -> int:
                 batch_key = "_batch"
                 adata.obs[batch_key] = "0"
             config = ScibConfig(pre_integrated_key="X_pca_unintegrated")
-            table = scib_table(adata, batch_key, args.labels_key, ["X_vmm", "X_pca_unintegrated"], config=config)
+            # scIB's per-label INFO lines go to scib.log, not the terminal
+            scib_log = Path(tempfile.mkdtemp(prefix="pyro-vmm-scib-")) / "scib.log"
+            table = scib_table(adata, batch_key, args.labels_key, ["X_vmm", "X_pca_unintegrated"], config=config,
+                               log_file=scib_log)
             metrics["scib"] = {emb: row.to_dict() for emb, row in table.iterrows()}
             if args.batch_key is None:
                 del adata.obs[batch_key]
@@ -376,7 +395,10 @@ def run(args: argparse.Namespace) -> int:
             training_curves(history, path=staging / "training.png")
         model.save(str(staging / "model"), overwrite=True)
         with atomic_path(staging / "adata.h5ad") as tmp:
-            adata.write_h5ad(tmp)
+            on_model_genes(adata, hvg.var_names).write_h5ad(tmp)
+        if scib_log is not None and scib_log.exists():
+            shutil.move(scib_log, staging / "scib.log")
+            shutil.rmtree(scib_log.parent, ignore_errors=True)
         metrics["runtime_s"]["total"] = time.perf_counter() - t_start
         with atomic_path(staging / "metrics.json") as tmp:
             tmp.write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
