@@ -30,6 +30,7 @@ __all__ = [
     "CountsSummary",
     "InputError",
     "InputWarning",
+    "validate_obs_key",
     "validate_anndata",
     "validate_counts",
     "validate_genes_match",
@@ -328,7 +329,9 @@ def validate_counts(X: Any, *, where: str = "adata.X", integer: bool = True) -> 
     return _summary(scan)
 
 
-def _check_obs_key(adata: Any, arg: str, key: str | None) -> None:
+def validate_obs_key(adata: Any, arg: str, key: str | None) -> None:
+    """``key`` (the argument ``arg``, e.g. ``"batch_key"`` or ``"--batch-key"``) is an ``adata.obs`` column without
+    missing values; otherwise an :class:`InputError` that names the column and the fix.  ``None`` passes."""
     if key is None:
         return
     columns = [str(c) for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # scvi-tools' own columns
@@ -407,8 +410,8 @@ def validate_anndata(
             InputWarning,
             stacklevel=2,
         )
-    _check_obs_key(adata, "batch_key", batch_key)
-    _check_obs_key(adata, "labels_key", labels_key)
+    validate_obs_key(adata, "batch_key", batch_key)
+    validate_obs_key(adata, "labels_key", labels_key)
 
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     X = adata.layers[layer] if layer is not None else adata.X

@@ -129,8 +129,8 @@ def test_scrna_failure_leaves_no_partial_output(small_h5ad, tmp_path, monkeypatc
     ("change", "message"),
     [
         (lambda a, d: a.__setitem__(2, str(d / "missing.h5ad")), "does not exist"),
-        (lambda a, d: a.__setitem__(a.index("batch"), "donor"), "--batch-key 'donor' is not a column"),
-        (lambda a, d: a.__setitem__(a.index("cell_type"), "celltype"), "--labels-key 'celltype' is not a column"),
+        (lambda a, d: a.__setitem__(a.index("batch"), "donor"), "--batch-key='donor' is not a column"),
+        (lambda a, d: a.__setitem__(a.index("cell_type"), "celltype"), "--labels-key='celltype' is not a column"),
         (lambda a, d: a.extend(["--layer", "counts"]), "layer 'counts' not found"),
         (lambda a, d: a.extend(["--lr", "-1"]), "--lr must be a positive number"),
     ],
@@ -198,3 +198,16 @@ def test_help_states_each_default_once_and_only_where_it_says_something(command)
         elif action.default is not None and action.nargs != 0:
             assert "default" in help_text, f"no default shown: {entry}"
     assert "random seed" in by_option["--seed"]
+
+
+def test_scrna_batch_column_with_a_missing_value_gives_one_clear_error(small_h5ad, tmp_path, capsys):
+    adata = anndata.read_h5ad(small_h5ad)
+    batch = adata.obs["batch"].astype(str).astype(object)
+    batch.iloc[7] = np.nan
+    adata.obs["batch"] = batch
+    path = tmp_path / "nan_batch.h5ad"
+    adata.write_h5ad(path)
+    assert main(_args(path, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-key" in err[0] and "1 missing (NaN) value" in err[0] and "fillna" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -85,7 +85,7 @@ def test_select_hvg_keeps_everything_when_asked_for_more_genes_than_exist():
     ad = _small_counts()
     out = select_hvg(ad, n_top_genes=10_000)
     assert out.shape == ad.shape and out.var["highly_variable"].all()
-    with pytest.raises(KeyError, match="batch key 'donor'"):
+    with pytest.raises(ValueError, match="batch_key='donor' is not a column"):
         select_hvg(ad, n_top_genes=10, batch_key="donor")
 
 
@@ -162,3 +162,35 @@ def test_pbmc_metadata_join_matches_barcodes_within_their_batch(shared_data):
     assert got.X[0].max() < 99
     with pytest.raises(KeyError, match="lacks 'clusters'"):
         join_pbmc_metadata(counts, gene_info, {k: v for k, v in metadata.items() if k != "clusters"})
+
+
+def _kang_with_a_small_batch(shared_data, n_small: int) -> anndata.AnnData:
+    """300 CTRL cells and ``n_small`` STIM cells of kang_ifnb_2800, genes detected in >= 3 cells: seurat_v3's loess
+    cannot fit the small batch."""
+    adata = load_shared("kang_ifnb_2800", shared_data / "scrna")
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    idx = np.r_[np.flatnonzero(batch == "CTRL")[:300], np.flatnonzero(batch == "STIM")[:n_small]]
+    sub = adata[idx].copy()
+    return sub[:, np.asarray((sub.X > 0).sum(axis=0)).ravel() >= 3].copy()
+
+
+def test_select_hvg_leaves_a_batch_too_small_for_seurat_v3_out_with_a_warning(shared_data):
+    import scanpy as sc
+
+    sub = _kang_with_a_small_batch(shared_data, 40)
+    with pytest.raises(ValueError):  # what scanpy does on its own
+        sc.pp.highly_variable_genes(sub, flavor="seurat_v3", n_top_genes=500, batch_key="batch", inplace=False)
+    with pytest.warns(UserWarning, match=r"'STIM' \(40 cells\)"):
+        hvg = select_hvg(sub, n_top_genes=500, batch_key="batch")
+    assert hvg.shape == (sub.n_obs, 500)  # every cell kept, the genes ranked without the unfittable batch
+    assert hvg.uns["hvg"]["batch_key"] is None  # one fittable batch left: pooled ranking
+    pooled = sc.pp.highly_variable_genes(sub, flavor="seurat_v3", n_top_genes=500, inplace=False)
+    assert set(hvg.var_names) == set(sub.var_names[pooled["highly_variable"].to_numpy()])
+
+
+def test_select_hvg_refuses_a_batch_column_with_a_missing_value_before_computing():
+    ad = _small_counts()
+    ad.obs["batch"] = ad.obs["batch"].astype(str).astype(object)
+    ad.obs.iloc[3, ad.obs.columns.get_loc("batch")] = np.nan  # strings and one NaN: numpy's sort would raise TypeError
+    with pytest.raises(ValueError, match=r"adata.obs\['batch'\] \(batch_key\) has 1 missing \(NaN\) value"):
+        select_hvg(ad, n_top_genes=10, batch_key="batch")

@@ -141,14 +141,6 @@ def check_out(out: str, outputs: tuple[str, ...], overwrite: bool) -> None:
         )
 
 
-def _require_obs_key(adata, key: str | None, option: str) -> None:
-    if key is not None and key not in adata.obs:
-        raise KeyError(
-            f"{option} {key!r} is not a column of adata.obs in the data file; available columns: "
-            f"{list(map(str, adata.obs.columns))}"
-        )
-
-
 def json_safe(value: Any) -> Any:
     """Floats NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
     import numpy as np
@@ -253,8 +245,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     adata = read_counts(args.data, layer=args.layer)
-    _require_obs_key(adata, args.batch_key, "--batch-key")
-    _require_obs_key(adata, args.labels_key, "--labels-key")
+    from pyro_vmm.validation import validate_obs_key
+
+    validate_obs_key(adata, "--batch-key", args.batch_key)  # before any computation: present, no missing values
+    validate_obs_key(adata, "--labels-key", args.labels_key)
     log = (lambda *a: None) if args.no_progress else (lambda *a: print("[pyro-vmm scrna]", *a, file=sys.stderr))
     log(f"read {adata.n_obs} cells x {adata.n_vars} genes from {args.data}")
 

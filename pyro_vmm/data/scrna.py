@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -146,11 +147,15 @@ def select_hvg(
     computed per batch and merged by the number of batches a gene is highly variable in.  Returns a copy holding the
     raw counts of the selected genes (in their original order) with ``var["highly_variable_rank"]``; the input is not
     modified.  With ``n_top_genes >= n_vars`` (or <= 0) all genes are kept.
-    """
-    import scanpy as sc
 
-    if batch_key is not None and batch_key not in adata.obs:
-        raise KeyError(f"batch key {batch_key!r} not in adata.obs; available columns: {list(adata.obs.columns)}")
+    The loess fit fails on a batch of a few dozen cells (too few distinct means: ``reciprocal condition number``).
+    Such batches are left out of the ranking, with a warning naming them (their cells are kept, and get the genes
+    the other batches select); if fewer than two batches can be fitted, the genes are ranked on all cells pooled.
+    A ``batch_key`` column that is missing or has missing values is refused before anything is computed.
+    """
+    from pyro_vmm.validation import validate_obs_key
+
+    validate_obs_key(adata, "batch_key", batch_key)
     if n_top_genes <= 0 or n_top_genes >= adata.n_vars:
         out = adata.copy()
         out.var["highly_variable"] = True
@@ -162,16 +167,61 @@ def select_hvg(
         out = view.copy()
         out.var["highly_variable"] = True
         return out
-    stats = sc.pp.highly_variable_genes(
-        view, flavor="seurat_v3", n_top_genes=n_top_genes, batch_key=batch_key, layer=layer, inplace=False
-    )
+    stats, used_key = _seurat_v3_with_fallback(view, n_top_genes, batch_key, layer)
     stats = stats.reindex(view.var_names) if stats.index.isin(view.var_names).all() else stats.set_axis(view.var_names)
     mask = stats["highly_variable"].to_numpy(bool)
     out = view[:, mask].copy()
     out.var["highly_variable"] = True
     out.var["highly_variable_rank"] = stats.loc[mask, "highly_variable_rank"].to_numpy()
-    out.uns["hvg"] = {"flavor": "seurat_v3", "n_top_genes": int(n_top_genes), "batch_key": batch_key}
+    out.uns["hvg"] = {"flavor": "seurat_v3", "n_top_genes": int(n_top_genes), "batch_key": used_key}
     return out
+
+
+def _seurat_v3(view: anndata.AnnData, n_top_genes: int, batch_key: str | None, layer: str | None) -> pd.DataFrame:
+    import scanpy as sc
+
+    return sc.pp.highly_variable_genes(
+        view, flavor="seurat_v3", n_top_genes=n_top_genes, batch_key=batch_key, layer=layer, inplace=False
+    )
+
+
+def _seurat_v3_with_fallback(
+    view: anndata.AnnData, n_top_genes: int, batch_key: str | None, layer: str | None
+) -> tuple[pd.DataFrame, str | None]:
+    """seurat_v3 statistics of ``view``'s genes and the batch key they were ranked with (see :func:`select_hvg`)."""
+    if batch_key is None or view.obs[batch_key].nunique() < 2:
+        return _seurat_v3(view, n_top_genes, None, layer), None
+    try:
+        return _seurat_v3(view, n_top_genes, batch_key, layer), batch_key
+    except ValueError as err:  # skmisc's loess: ValueError(b"reciprocal condition number ...") and the like
+        first_error = err
+    batches = view.obs[batch_key].astype(str).to_numpy()
+    failed = []
+    for b in pd.unique(batches):
+        try:
+            _seurat_v3(view[batches == b], n_top_genes, None, layer)
+        except ValueError:
+            failed.append(str(b))
+    sizes = {b: int((batches == b).sum()) for b in failed}
+    kept = ~np.isin(batches, failed)
+    left = pd.unique(batches[kept])
+    what = ", ".join(f"{b!r} ({n} cells)" for b, n in sizes.items()) or "none singly"
+    if len(left) >= 2 and failed:
+        warnings.warn(
+            f"seurat_v3 cannot fit its variance trend in batch(es) {what} of obs[{batch_key!r}] (too few cells: "
+            f"{first_error}); those batches are left out of the gene ranking (their cells are kept)",
+            stacklevel=3,
+        )
+        try:
+            return _seurat_v3(view[kept], n_top_genes, batch_key, layer), batch_key
+        except ValueError:
+            pass
+    warnings.warn(
+        f"batch-aware seurat_v3 failed on obs[{batch_key!r}] (batches that cannot be fitted: {what}; {first_error}); "
+        "ranking the genes on all cells pooled instead",
+        stacklevel=3,
+    )
+    return _seurat_v3(view, n_top_genes, None, layer), None
 
 
 def _standardize(adata: anndata.AnnData, batch, cell_type=None) -> anndata.AnnData:
