@@ -20,18 +20,22 @@ gate_logits=h)``, i.e. ``dist.ZeroInflatedNegativeBinomial``.  Both are :class:`
 pre-softmax logits and evaluates the softmax, both densities and their gradient in one hand-written autograd function
 (same values and gradients as Pyro's distributions; the ``lgamma`` terms on the non-zero counts only).
 
-Amortised posterior (guide): :math:`q_\phi(z_n \mid x_n, s_n) = \mathcal N(m_n, \operatorname{diag} \sigma_n^2)`
-from ``concat(log1p(x_n), onehot(s_n))`` through ``n_layers x [Linear -> BatchNorm(momentum 0.01, eps 1e-3) -> ReLU
+Amortised posterior (guide): :math:`q_\phi(z_n \mid x_n) = \mathcal N(m_n, \operatorname{diag} \sigma_n^2)`
+from ``log1p(x_n)`` (the default, as ``scvi.model.SCVI``; with ``encode_covariates=True`` from
+``concat(log1p(x_n), onehot(s_n))``, the reference code's encoder) through ``n_layers x [Linear -> BatchNorm(momentum 0.01, eps 1e-3) -> ReLU
 -> Dropout]``; the variance is :math:`\sigma^2 = \exp(\cdot) + 10^{-4}` (scvi-tools' default, ``var_activation=
 "exp"``) or :math:`\sigma = \operatorname{softplus}(\cdot)` (the VMM authors' TensorFlow code, ``"softplus"``).
 The decoder is scvi-tools' :class:`~scvi.nn.DecoderSCVI` on ``concat(z, onehot(s))`` without deep covariate injection,
-i.e. the same networks as ``scvi.model.SCVI(..., encode_covariates=True, deeply_inject_covariates=False)``.
+i.e. the same networks as ``scvi.model.SCVI(..., encode_covariates=..., deeply_inject_covariates=False)``
+(identical to SCVI's default deep injection when ``n_layers=1``).
 
-Pseudo-inputs (``vmm``, ``vampprior``): :math:`u_k = (\tilde x_k, \tilde s_k)` with counts
+Pseudo-inputs (``vmm``, ``vampprior``): :math:`u_k = \tilde x_k` (or :math:`(\tilde x_k, \tilde s_k)` with
+``encode_covariates=True``) with counts
 :math:`\tilde x_k = \operatorname{softplus}(v_k) - c` (``c = 0`` by default; ``c = 1`` is the reference code's
 shifted softplus) and a soft batch vector :math:`\tilde s_k = \operatorname{softmax}(w_k)` started uniform.  They pass
 through the same encoder (in eval mode) to give :math:`q_\phi(\mu_k \mid u_k)`.  The raw :math:`(v_k, w_k)` are the
-prior's ``pseudo_inputs`` parameter, shape ``(K, G + n_batch)`` (``(K, G)`` for single-batch data).
+prior's ``pseudo_inputs`` parameter, shape ``(K, G + n_batch)`` (``(K, G)`` without the batch in the encoder or for
+single-batch data).
 
 Both ``model`` and ``guide`` scale log-densities by :math:`1/B`, so ``TraceMeanField_ELBO`` returns the batch mean of
 the per-cell negative ELBO (summed over genes), the same convention as scvi-tools' ``elbo_train``/``elbo_validation``.

@@ -32,7 +32,7 @@ from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.dataloaders import DataSplitter
-from scvi.model._utils import get_max_epochs_heuristic, parse_device_args
+from scvi.model._utils import parse_device_args
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -45,6 +45,7 @@ from .expression import ExpressionMixin
 from .infer import AlternatingSVI
 from .quiet import quiet_lightning
 from .training_plan import VMMTrainingPlan
+from .defaults import DEFAULTS, final_components, min_cluster_size, training_epochs
 from .utils import set_seed
 
 __all__ = ["InMemoryDataSplitter", "VMMSCVI"]
@@ -428,6 +429,9 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         ``"map-dp"`` (the paper), ``"map"`` or ``"mle"`` for the mixture priors.
     seed
         Seeds the network initialisation and the choice of the ``K`` pseudo-input cells (global RNGs untouched).
+    encode_covariates
+        Give the batch to the encoder as well as the decoder (default ``False``, as ``scvi.model.SCVI``; see
+        :mod:`pyro_vmm.defaults`).
     **module_kwargs
         Passed to :class:`~pyro_vmm.models.scvi.VMMSCVIModule` (``var_activation``, ``pseudo_input_shift``).
     """
@@ -449,6 +453,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         dropout_rate: float = 0.1,
         inference: str = "map-dp",
         seed: int | None = None,
+        encode_covariates: bool = DEFAULTS.encode_covariates,
         **module_kwargs,
     ) -> None:
         pyro.clear_param_store()  # nothing of ours lives there; clears leftovers of other Pyro models
@@ -478,6 +483,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 n_clusters=n_clusters,
                 pseudo_inputs=pseudo_counts,
                 inference=inference,
+                encode_covariates=encode_covariates,
                 **module_kwargs,
             )
         self._model_summary_string = (
@@ -515,13 +521,14 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
     def train(
         self,
         max_epochs: int | None = None,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        prior_lr_ratio: float = 1.0,
+        batch_size: int = DEFAULTS.batch_size,
+        lr: float = DEFAULTS.lr,
+        prior_lr_ratio: float = DEFAULTS.prior_lr_ratio,
         train_size: float = 0.9,
         validation_size: float | None = None,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 45,
+        early_stopping: bool = DEFAULTS.early_stopping,
+        early_stopping_patience: int = DEFAULTS.early_stopping_patience,
+        n_epochs_kl_warmup: int | None | str = "auto",
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         seed: int | None = None,
@@ -550,8 +557,10 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
 
         Parameters
         ----------
+        All defaults are the recipe of :mod:`pyro_vmm.defaults` (the same as ``pyro-vmm scrna``'s).
+
         max_epochs
-            Default: scvi-tools' heuristic (400 epochs up to 20k cells, fewer above).
+            Default: scvi-tools' heuristic (400 epochs up to 20k cells, fewer above), as ``SCVI.train()``.
         batch_size
             Minibatch size ``B``; it also sets the hyperprior strength of the EM step (divided by ``B``).
         lr, prior_lr_ratio
@@ -559,7 +568,11 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         train_size, validation_size
             Split as scvi-tools' ``DataSplitter`` (permutation seeded by ``scvi.settings.seed``).
         early_stopping, early_stopping_patience
-            Stop when ``elbo_validation`` has not improved for this many epochs (the paper used 100).
+            Stop when ``elbo_validation`` has not improved for this many epochs (the paper used 100; off by
+            default, as in ``SCVI.train()``).
+        n_epochs_kl_warmup
+            Epochs of linear KL warm-up (``"auto"``: all of ``max_epochs``, as ``SCVI`` at its defaults; ``None``:
+            none, the paper's loss throughout).
         seed
             Seeds Python, NumPy, torch, Pyro and ``scvi.settings.seed`` (the split) so a CPU run is repeatable.
         plan_kwargs
@@ -604,7 +617,9 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             settings.seed = seed
             set_seed(seed)
         if max_epochs is None:
-            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+            max_epochs = training_epochs(self.adata.n_obs)
+        if n_epochs_kl_warmup == "auto":
+            n_epochs_kl_warmup = max_epochs
         resume_path = payload = None
         if checkpoint_dir is not None:
             resume_path = find_resume_checkpoint(checkpoint_dir, resume)
@@ -630,7 +645,12 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 "early_stopping monitors elbo_validation but the split has no validation cells; "
                 "set train_size < 1 (e.g. 0.9) or early_stopping=False"
             )
-        plan_kwargs = {"nan_guard": nan_guard, "max_nan_retries": max_nan_retries, **(plan_kwargs or {})}
+        plan_kwargs = {
+            "nan_guard": nan_guard,
+            "max_nan_retries": max_nan_retries,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            **(plan_kwargs or {}),
+        }
         plan = self._training_plan_cls(self.module, lr=lr, prior_lr_ratio=prior_lr_ratio, **plan_kwargs)
         if checkpoint_dir is not None:
             splitter.setup()
@@ -676,6 +696,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 **trainer_kwargs,
             )
             out = runner()
+        self._set_cluster_components()
         self._numeric_history()
         return out
 
@@ -755,12 +776,33 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             batch_size,
         )
 
+    def _set_cluster_components(self) -> None:
+        """After training: the components reported as clusters (``cluster_components_``), those that are the most
+        probable component of at least :func:`~pyro_vmm.defaults.min_cluster_size` training cells (see
+        :func:`~pyro_vmm.defaults.final_components`).  A query model keeps its reference's."""
+        if self.module.prior.n_components < 2 or self.module.frozen_prior:
+            return
+        probs = self.get_cluster_probabilities()
+        self.cluster_components_ = final_components(probs, min_cluster_size(probs.shape[0]))
+
     def get_cluster_assignments(
-        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        all_components: bool = False,
     ) -> np.ndarray:
-        """:math:`\\arg\\max_k q(c = k \\mid z)` at the posterior mean z, shape ``(n_cells,)``."""
+        """The cluster of each cell, shape ``(n_cells,)``: :math:`\\arg\\max_k q(c = k \\mid z)` at the posterior mean
+        z over the components reported as clusters (``cluster_components_``: those that were the most probable
+        component of at least :func:`~pyro_vmm.defaults.min_cluster_size` training cells), so the cells of a
+        near-empty component go to their most probable remaining one.  ``all_components=True``: the argmax over
+        all ``K`` components.  Labels are component indices (columns of :meth:`get_cluster_probabilities`)."""
         probs = self.get_cluster_probabilities(adata, indices, batch_size=batch_size)
-        return probs.argmax(axis=1).astype(np.int64)
+        kept = getattr(self, "cluster_components_", None)
+        if all_components or kept is None:
+            return probs.argmax(axis=1).astype(np.int64)
+        kept = np.asarray(kept, dtype=np.int64)
+        return kept[probs[:, kept].argmax(axis=1)]
 
     def n_utilized_clusters(self, adata=None) -> int:
         """Number of distinct cluster assignments over the cells of ``adata``."""

@@ -167,10 +167,16 @@ def test_pseudo_inputs_start_at_the_cells_counts_with_uniform_batch():
     counts = torch.tensor([[0.0, 1.0, 7.0, 300.0], [2.0, 0.0, 0.0, 1.0]])
     raw = counts_to_pseudo_inputs(counts, n_batch=3)
     assert raw.shape == (2, 4 + 3)
-    m = VMMSCVIModule(4, 3, n_latent=2, n_hidden=8, prior="vmm", n_clusters=2, pseudo_inputs=counts)
+    m = VMMSCVIModule(
+        4, 3, n_latent=2, n_hidden=8, prior="vmm", n_clusters=2, pseudo_inputs=counts, encode_covariates=True
+    )
     got_counts, got_batch = m.pseudo_counts(m.prior.pseudo_inputs)
     torch.testing.assert_close(got_counts, counts.clamp_min(PSEUDO_COUNT_FLOOR), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_batch, torch.full((2, 3), 1 / 3))
+    # the default (as SCVI): the batch goes to the decoder only, and the pseudo-inputs are expression profiles
+    d = VMMSCVIModule(4, 3, n_latent=2, n_hidden=8, prior="vmm", n_clusters=2, pseudo_inputs=counts)
+    assert d.prior.pseudo_inputs.shape == (2, 4) and d.encoder.fc_layers[0][0].in_features == 4
+    assert d.decoder.px_decoder.fc_layers[0][0].in_features == 2 + 3
     torch.testing.assert_close(torch.nn.functional.softplus(inverse_softplus(torch.tensor([1e-3, 2.0, 80.0]))),
                                torch.tensor([1e-3, 2.0, 80.0]))
     # the reference's shifted softplus: zeros need no clamping

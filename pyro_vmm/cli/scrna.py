@@ -43,12 +43,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pyro_vmm.defaults import DEFAULTS
+
 from . import HelpFormatter
 
-#: default number of epochs: 2,000 minibatch steps on the 2800-cell kang_ifnb_2800 set (the tuning sweep's budget)
-DEFAULT_MAX_EPOCHS = 100
-#: default EM / VI learning-rate ratio: the Figure-5 sweep's choice on kang_ifnb_2800 (benchmarks/scrna_tuning.py)
-DEFAULT_PRIOR_LR_RATIO = 2.5
 #: files and folders the command writes into --out
 OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "training.png",
            "model", "scib.log")
@@ -76,28 +74,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     m = p.add_argument_group("model")
     m.add_argument("--prior", default="vmm", choices=("vmm", "gmm", "vampprior", "normal"), help="latent prior")
-    m.add_argument("--n-clusters", type=int, default=100, help="K, the maximum number of clusters")
-    m.add_argument("--n-latent", type=int, default=10, help="latent dimensions")
+    m.add_argument("--n-clusters", type=int, default=DEFAULTS.n_clusters, help="K, the maximum number of clusters")
+    m.add_argument("--n-latent", type=int, default=DEFAULTS.n_latent, help="latent dimensions")
     m.add_argument("--likelihood", default="zinb", choices=("zinb", "nb"), help="count likelihood")
     t = p.add_argument_group("training")
     t.add_argument(
         "--max-epochs",
         type=int,
-        default=DEFAULT_MAX_EPOCHS,
-        help="maximum epochs (early stopping on the validation ELBO may stop sooner); the default gives "
-        "kang_ifnb_2800 (2800 cells, 20 steps per epoch) 2,000 steps -- the paper trained up to 10000 epochs with "
-        "patience 100; more epochs (or a larger --prior-lr-ratio) prune more clusters",
+        default=None,
+        help="epochs (default: scvi-tools' heuristic, 400 up to 20,000 cells and fewer above, as SCVI.train(); "
+        "the KL term is warmed up over all of them); see pyro_vmm/defaults.py",
     )
-    t.add_argument("--batch-size", type=int, default=128, help="minibatch size (also sets the hyperprior strength)")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate of the VI step (Adam)")
+    t.add_argument(
+        "--batch-size", type=int, default=DEFAULTS.batch_size, help="minibatch size (also sets the hyperprior strength)"
+    )
+    t.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate of the VI step (Adam)")
     t.add_argument(
         "--prior-lr-ratio",
         type=float,
-        default=DEFAULT_PRIOR_LR_RATIO,
-        help="EM-step learning rate = lr x this ratio (tuned on kang_ifnb_2800; larger prunes more clusters -- "
-        "tune per data set with benchmarks/scrna_tuning.py, paper Figure 5)",
+        default=DEFAULTS.prior_lr_ratio,
+        help="EM-step learning rate = lr x this ratio (larger prunes more clusters; paper Figure 5, "
+        "benchmarks/scrna_tuning.py)",
     )
-    t.add_argument("--patience", type=int, default=45, help="early-stopping patience in epochs (0: no early stopping)")
+    t.add_argument(
+        "--patience", type=int, default=0, help="early-stopping patience in epochs (0: no early stopping, as SCVI)"
+    )
     add_run_args(t)
     t.add_argument("--no-scib", action="store_true", help="skip the scIB metrics (they take a minute or more)")
     t.add_argument(
@@ -117,7 +118,7 @@ def add_run_args(group) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("n_clusters", "n_latent", "max_epochs", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "prior_lr_ratio"):
         value = getattr(args, name)
@@ -201,14 +202,14 @@ def staged(out: Path, outputs: tuple[str, ...]) -> Iterator[Path]:
 
 def store_embedding(adata, model, on=None):
     """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``)
-    and their argmax (``obs["vmm_cluster"]``) of the cells of ``on`` (default: the model's AnnData) into ``adata``;
+    and the final clusters (``obs["vmm_cluster"]``, :meth:`VMMSCVI.get_cluster_assignments`) of the cells of ``on`` (default: the model's AnnData) into ``adata``;
     returns (latent, probs, assignments)."""
     import numpy as np
     import pandas as pd
 
     latent = model.get_latent_representation(on)
     probs = model.get_cluster_probabilities(on)
-    assign = probs.argmax(axis=1)
+    assign = model.get_cluster_assignments(on)  # the final clusters: near-empty components folded in
     adata.obsm["X_vmm"] = latent.astype(np.float32)
     adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
     adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))

@@ -1,0 +1,96 @@
+r"""The one default recipe of VMM-scVI, shared by ``VMMSCVI(...)``, ``VMMSCVI.train()`` and ``pyro-vmm scrna``.
+
+Every setting is a constant or a function of the data's size alone (number of cells :math:`N`); nothing reads labels.
+
+=========================  ===========================================================================================
+setting                    default and reason
+=========================  ===========================================================================================
+``encode_covariates``      ``False``: the batch enters the decoder only, as in scvi-tools ``SCVI``'s default.  The
+                           encoder then cannot route cells of one batch to their own region, and the VMM's
+                           pseudo-inputs are expression profiles without a batch vector, so no component can be
+                           made batch-specific through its input.
+``max_epochs``             scvi-tools' heuristic :math:`\min(400, \mathrm{round}(20000 \cdot 400 / N))`, the budget
+                           of ``SCVI.train()`` (so the two cost the same number of steps).
+``n_epochs_kl_warmup``     ``max_epochs``: the KL term is annealed linearly over the whole run, as ``SCVI``
+                           does at its defaults (400 epochs of warm-up).
+``early_stopping``         ``False``, as ``SCVI.train()``: with the warm-up running to the end, the validation ELBO
+                           keeps changing by design.
+``batch_size``, ``lr``     128 and :math:`10^{-3}` (scvi-tools' defaults).
+``prior_lr_ratio``         1: the EM step moves at the VI step's rate (the reference code's default).
+``n_clusters``             :math:`K = 100`, an upper bound.
+``min_cluster_size``       :math:`\max(10, \lceil N / 200 \rceil)`: a mixture component that is the most probable
+                           one for fewer cells is not reported as a cluster; its cells go to their most probable
+                           remaining component (:func:`final_components`).  10 cells is the least a cluster needs for
+                           its marker genes (:meth:`VMMSCVI.cluster_markers`), and :math:`N/200` keeps the reported
+                           clusters to at most 200 on large data.
+=========================  ===========================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DEFAULTS", "Recipe", "final_components", "min_cluster_size", "training_epochs"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The default settings (see the module docstring for the reason of each)."""
+
+    n_clusters: int = 100
+    n_latent: int = 10
+    encode_covariates: bool = False
+    batch_size: int = 128
+    lr: float = 1e-3
+    prior_lr_ratio: float = 1.0
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    #: scvi-tools' epoch heuristic: this many epochs up to ``heuristic_cells`` cells, proportionally fewer above
+    max_epochs_cap: int = 400
+    heuristic_cells: int = 20_000
+    min_cluster_cells: int = 10
+    min_cluster_fraction: float = 1 / 200
+
+
+DEFAULTS = Recipe()
+
+
+def training_epochs(n_cells: int, recipe: Recipe = DEFAULTS) -> int:
+    r""":math:`\min(E_{max}, \mathrm{round}(N_h E_{max} / N))`, at least 1 (scvi-tools' ``get_max_epochs_heuristic``)."""
+    if n_cells < 1:
+        raise ValueError(f"need at least one cell, got {n_cells}")
+    epochs = round(recipe.heuristic_cells / n_cells * recipe.max_epochs_cap)
+    return max(1, min(recipe.max_epochs_cap, int(epochs)))
+
+
+def min_cluster_size(n_cells: int, recipe: Recipe = DEFAULTS) -> int:
+    r""":math:`\max(10, \lceil N / 200 \rceil)` cells."""
+    return max(recipe.min_cluster_cells, math.ceil(recipe.min_cluster_fraction * n_cells))
+
+
+def final_components(probs: np.ndarray, min_size: int) -> np.ndarray:
+    r"""The mixture components reported as clusters, sorted: those that are :math:`\arg\max_k q(c=k \mid z_n)` for at
+    least ``min_size`` of the cells in ``probs`` (N, K).
+
+    Components are dropped smallest first, one at a time, and the cells of a dropped component move to their most
+    probable remaining one before the next size check (so a component can grow above ``min_size`` by absorbing
+    cells).  At least one component is kept."""
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[1] < 1:
+        raise ValueError(f"probs must be (cells, components), got shape {probs.shape}")
+    kept = np.ones(probs.shape[1], dtype=bool)
+    while True:
+        assign = np.flatnonzero(kept)[probs[:, kept].argmax(axis=1)]
+        sizes = np.bincount(assign, minlength=probs.shape[1])
+        sizes[~kept] = np.iinfo(sizes.dtype).max
+        empty = np.flatnonzero(sizes == 0)
+        if empty.size and empty.size < kept.sum():  # dropping components that own no cell moves no cell
+            kept[empty] = False
+            continue
+        small = np.flatnonzero(sizes < min_size)
+        if small.size == 0 or kept.sum() == 1:
+            return np.flatnonzero(kept)
+        kept[small[np.argmin(sizes[small])]] = False
