@@ -148,7 +148,8 @@ def test_scrna_help_states_the_default_epochs():
     out = subprocess.run(
         [sys.executable, "-m", "pyro_vmm", "scrna", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "--max-epochs" in out and "kang_ifnb_2800" in out and "--no-scib" in out
+    flat = " ".join(out.split())  # argparse wraps the help text
+    assert "--max-epochs" in flat and "400 up to 20,000 cells" in flat and "defaults.py" in flat and "--no-scib" in flat
 
 
 def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp_path):
