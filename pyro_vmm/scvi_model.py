@@ -995,6 +995,20 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         )
 
     @classmethod
+    def from_scvi_model(
+        cls, scvi_model, adata=None, prior: str = "vmm", n_clusters: int = 100, seed: int | None = None, **kwargs
+    ) -> VMMSCVI:
+        """A VMMSCVI with the encoder, decoder and dispersion of a trained ``scvi.model.SCVI`` (as scvi-tools'
+        ``SCANVI.from_scvi_model``), on ``adata`` (default: the SCVI model's AnnData) registered with the SCVI model's
+        setup arguments; the prior's pseudo-inputs are random cells.  Before training its posterior mean is SCVI's
+        ``get_latent_representation``; :meth:`train` then fits the prior and fine-tunes.  An SCVI whose architecture,
+        genes, batches or covariate categories differ is refused with an error naming the difference.  See
+        :mod:`pyro_vmm.from_scvi`."""
+        from .from_scvi import from_scvi_model
+
+        return from_scvi_model(cls, scvi_model, adata=adata, prior=prior, n_clusters=n_clusters, seed=seed, **kwargs)
+
+    @classmethod
     def load_query_data(
         cls,
         adata,
