@@ -145,12 +145,21 @@ def from_scvi_model(
     from .validation import InputError
 
     arch = scvi_architecture(scvi_model)
-    clash = sorted(set(kwargs) & set(arch))
-    if clash:
+    clash = {k: kwargs[k] for k in sorted(set(kwargs) & set(arch))}
+    differ = {k: v for k, v in clash.items() if v != arch[k]}
+    if differ:
+        shown = ", ".join(f"{k}={v!r} (the SCVI model's: {arch[k]!r})" for k, v in differ.items())
         raise InputError(
-            f"from_scvi_model takes {clash} from the SCVI model; do not pass them. Fix: drop {clash} from the call."
+            f"from_scvi_model copies the SCVI model's networks, and {shown} differ(s) from them. Fix: leave "
+            f"{sorted(differ)} out (they come from the SCVI model), or train VMMSCVI from scratch with them."
         )
+    for k in clash:
+        kwargs.pop(k)
     adata = scvi_model.adata if adata is None else adata
+    if adata is not scvi_model.adata:
+        from .validation import validate_genes_match
+
+        validate_genes_match(scvi_model.adata.var_names, adata.var_names, where="the AnnData given to from_scvi_model")
     args = scvi_model.adata_manager.registry["setup_args"]
     cls.setup_anndata(adata, **{k: args.get(k) for k in _SETUP_KEYS})
     model = cls(adata, prior=prior, n_clusters=n_clusters, seed=seed, **arch, **kwargs)
