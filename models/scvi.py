@@ -595,7 +595,9 @@ class VMMSCVIModule(PyroBaseModuleClass):
             return self._encode(x, batch_index, covs).mean
 
     def _encode(self, x: Tensor, batch_index: Tensor, covs: dict) -> dist.Independent:
-        return self.encode(x, batch_index, covs.get("cat_covs"), covs.get("cont_covs"))
+        """:meth:`encode` with the covariates of ``covs`` that are given (none: ``encode(x, batch_index)``)."""
+        given = {k: covs[k] for k in ("cat_covs", "cont_covs") if covs.get(k) is not None}
+        return self.encode(x, batch_index, **given)
 
     @torch.no_grad()
     def latent_moments(self, x: Tensor, batch_index: Tensor, **covs: Tensor | None) -> tuple[Tensor, Tensor]:
