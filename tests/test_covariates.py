@@ -161,3 +161,21 @@ def test_scrna_cli_takes_the_covariate_flags():
     assert args.categorical_covariate_keys == ["donor", "tech"]
     assert args.continuous_covariate_keys == ["pct_mito"]
     assert args.size_factor_key == "sf"
+
+
+def test_backed_anndata_streams_the_covariates(kang_donor, tmp_path):
+    a = kang_donor.copy()
+    a.obs["sf"] = np.asarray(a.X.sum(1)).ravel() / 100.0
+    setup = {"batch_key": "batch", "categorical_covariate_keys": ["donor"], "continuous_covariate_keys": ["score"],
+             "size_factor_key": "sf"}
+    a.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    models = []
+    for data in (a, backed):
+        VMMSCVI.setup_anndata(data, **setup)
+        model = VMMSCVI(data, seed=0, encode_covariates=True, **SMALL)
+        model.train(max_epochs=2, seed=0, datasplitter_kwargs={"block_size": 1}, **TRAIN)  # same minibatches
+        models.append(model)
+    # streamed minibatches carry the same covariates: the same training, the same latent
+    np.testing.assert_allclose(models[1].get_latent_representation(), models[0].get_latent_representation(),
+                               atol=1e-4)
