@@ -32,10 +32,21 @@ i.e. the same networks as ``scvi.model.SCVI(..., encode_covariates=..., deeply_i
 Pseudo-inputs (``vmm``, ``vampprior``): :math:`u_k = \tilde x_k` (or :math:`(\tilde x_k, \tilde s_k)` with
 ``encode_covariates=True``) with counts
 :math:`\tilde x_k = \operatorname{softplus}(v_k) - c` (``c = 0`` by default; ``c = 1`` is the reference code's
-shifted softplus) and a soft batch vector :math:`\tilde s_k = \operatorname{softmax}(w_k)` started uniform.  They pass
+shifted softplus) and a soft batch vector :math:`\tilde s_k = \operatorname{softmax}(w_k)` started uniform (``encode_covariates``).  They pass
 through the same encoder (in eval mode) to give :math:`q_\phi(\mu_k \mid u_k)`.  The raw :math:`(v_k, w_k)` are the
-prior's ``pseudo_inputs`` parameter, shape ``(K, G + n_batch)`` (``(K, G)`` without the batch in the encoder or for
-single-batch data).
+prior's ``pseudo_inputs`` parameter, shape ``(K, G + n_batch_input + sum(n_cats))`` (``(K, G)`` when the encoder
+reads no covariate): counts, then the batch logits, then each categorical covariate's logits.
+
+Covariates (``setup_anndata(categorical_covariate_keys=..., continuous_covariate_keys=..., size_factor_key=...)``)
+enter as in ``scvi.model.SCVI``: the decoder reads ``concat(z, c_n)`` (continuous covariates :math:`c_n`) with the
+one-hot batch and one one-hot per categorical covariate :math:`k_n^{(j)}` concatenated in its first layer; with
+``encode_covariates=True`` the encoder reads ``concat(log1p(x), c_n, onehot(s_n), onehot(k_n^{(1)}), ...)``.  A
+registered size factor :math:`\mathrm{sf}_n` replaces the observed library size: :math:`\ell_n = \mathrm{sf}_n`
+(scvi-tools' ``library = log(size_factor)``; its decoder then switches to a softplus scale, ours keeps the softmax,
+so :math:`\ell_n` is the expected total count).  Pseudo-inputs, when the encoder reads covariates: one soft vector
+per categorical covariate (``softmax`` of its own logits, started uniform, like the batch part) and the training
+cells' mean of the continuous covariates (fixed, the buffer ``pseudo_cont_covs``); with ``encode_covariates=False``
+the encoder reads expression alone and the pseudo-inputs are expression profiles only.
 
 Both ``model`` and ``guide`` scale log-densities by :math:`1/B`, so ``TraceMeanField_ELBO`` returns the batch mean of
 the per-cell negative ELBO (summed over genes), the same convention as scvi-tools' ``elbo_train``/``elbo_validation``.
@@ -259,7 +270,8 @@ def counts_to_pseudo_inputs(counts: Tensor, n_batch: int, shift: float = 0.0) ->
 
     :math:`v_k = \operatorname{softplus}^{-1}(\max(x_k + c, \epsilon))` so that
     :math:`\operatorname{softplus}(v_k) - c = x_k` (zeros become :math:`\epsilon - c` when ``c = 0``),
-    and :math:`w_k = 0` (uniform batch vector) when ``n_batch > 1``."""
+    and :math:`w_k = 0` (uniform soft vectors) in the ``n_batch`` columns after them (``n_batch > 1``: the batch
+    and categorical-covariate logits, together)."""
     counts = torch.as_tensor(counts, dtype=torch.get_default_dtype())
     if counts.dim() != 2:
         raise ValueError(f"pseudo-input counts must be a (K, G) matrix, got shape {tuple(counts.shape)}")
@@ -267,6 +279,19 @@ def counts_to_pseudo_inputs(counts: Tensor, n_batch: int, shift: float = 0.0) ->
     if n_batch > 1:
         raw = torch.cat([raw, raw.new_zeros(raw.shape[0], n_batch)], dim=-1)
     return raw
+
+
+#: minibatch keys of the registered covariates -> keyword of the module's methods
+COVARIATE_KEYS = {
+    REGISTRY_KEYS.CAT_COVS_KEY: "cat_covs",
+    REGISTRY_KEYS.CONT_COVS_KEY: "cont_covs",
+    REGISTRY_KEYS.SIZE_FACTOR_KEY: "size_factor",
+}
+
+
+def covariate_kwargs(tensor_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The registered covariates of a minibatch dict as the module's keyword arguments (absent ones left out)."""
+    return {kw: tensor_dict[key] for key, kw in COVARIATE_KEYS.items() if tensor_dict.get(key) is not None}
 
 
 class VMMSCVIModule(PyroBaseModuleClass):
@@ -299,7 +324,14 @@ class VMMSCVIModule(PyroBaseModuleClass):
         Give the batch to the encoder too (``True``, the reference code) or only to the decoder (``False``, the
         default, as ``scvi.model.SCVI``'s default).  Without it the encoder sees expression alone, so the
         pseudo-inputs are expression profiles (no batch vector) and no mixture component can belong to one batch
-        through its input.
+        through its input.  With ``True`` the continuous and categorical covariates go to the encoder too (as
+        scvi-tools' ``encode_covariates``).
+    n_continuous_cov, n_cats_per_cov
+        Number of continuous covariates and the number of categories of each categorical covariate (as
+        scvi-tools' ``VAE``); both go to the decoder (and, with ``encode_covariates``, to the encoder).
+    cont_covs_mean
+        ``(n_continuous_cov,)`` training-cell mean of the continuous covariates: the pseudo-inputs' continuous part
+        when the encoder reads them (default zeros; stored in the buffer ``pseudo_cont_covs``).
     """
 
     #: True for a query model (:mod:`pyro_vmm.query`): the prior stays as the reference left it, no EM step
@@ -321,6 +353,9 @@ class VMMSCVIModule(PyroBaseModuleClass):
         var_activation: VarActivation = "exp",
         pseudo_input_shift: float = 0.0,
         encode_covariates: bool = False,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: list[int] | tuple[int, ...] | None = None,
+        cont_covs_mean: Tensor | None = None,
     ) -> None:
         super().__init__()
         if gene_likelihood not in ("zinb", "nb"):
@@ -340,10 +375,20 @@ class VMMSCVIModule(PyroBaseModuleClass):
         #: width of the batch part of the encoder input (scvi-tools drops a 1-level covariate)
         self.encode_covariates = bool(encode_covariates)
         self.n_batch_input = self.n_batch if self.n_batch > 1 and self.encode_covariates else 0
+        self.n_continuous_cov = int(n_continuous_cov)
+        self.n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
+        #: widths of the continuous part and of each categorical one-hot the encoder reads (1-level covariates: 0)
+        self.n_cont_input = self.n_continuous_cov if self.encode_covariates else 0
+        self.cat_input_widths = [n if n > 1 else 0 for n in self.n_cats_per_cov] if self.encode_covariates else []
+        mean = torch.zeros(self.n_continuous_cov) if cont_covs_mean is None else torch.as_tensor(cont_covs_mean)
+        if mean.shape != (self.n_continuous_cov,):
+            raise ValueError(f"cont_covs_mean has shape {tuple(mean.shape)}, expected ({self.n_continuous_cov},)")
+        self.register_buffer("pseudo_cont_covs", mean.to(torch.get_default_dtype()).clone())
 
-        # q(z | x, s): FCLayers on concat(log1p(x), onehot(s)) -> mean / variance heads (as scvi.nn.Encoder)
+        # q(z | x, s, k, c): FCLayers on concat(log1p(x), c, onehot(s), onehot(k_j)...) -> mean / variance heads
+        # (as scvi.nn.Encoder; only log1p(x) unless encode_covariates)
         self.encoder = FCLayers(
-            n_in=self.n_input + self.n_batch_input,
+            n_in=self.n_input + self.n_cont_input + self.n_batch_input + sum(self.cat_input_widths),
             n_out=n_hidden,
             n_cat_list=None,
             n_layers=n_layers,
@@ -355,11 +400,11 @@ class VMMSCVIModule(PyroBaseModuleClass):
         )
         self.mean_encoder = nn.Linear(n_hidden, self.n_latent)
         self.var_encoder = nn.Linear(n_hidden, self.n_latent)
-        # p(x | z, s): scvi-tools' decoder, batch one-hot concatenated to z in the first layer only
+        # p(x | z, s, k, c): scvi-tools' decoder on concat(z, c), batch and covariate one-hots in the first layer only
         self.decoder = DecoderSCVI(
-            self.n_latent,
+            self.n_latent + self.n_continuous_cov,
             self.n_input,
-            n_cat_list=[self.n_batch],
+            n_cat_list=[self.n_batch, *self.n_cats_per_cov],
             n_layers=n_layers,
             n_hidden=n_hidden,
             inject_covariates=False,
@@ -383,17 +428,22 @@ class VMMSCVIModule(PyroBaseModuleClass):
                     f"pseudo_inputs has shape {tuple(pseudo_inputs.shape)}, expected (n_clusters, n_genes) = "
                     f"({n_clusters}, {self.n_input})"
                 )
-            raw = counts_to_pseudo_inputs(pseudo_inputs, self.n_batch_input, self.pseudo_input_shift)
+            n_soft = self.n_batch_input + sum(self.cat_input_widths)
+            raw = counts_to_pseudo_inputs(pseudo_inputs, n_soft, self.pseudo_input_shift)
         self.prior = build_prior(prior, self.n_latent, n_components=n_clusters, pseudo_inputs=raw, inference=inference)
 
     # ------------------------------------------------------------------------------------------- scvi-tools glue
     @staticmethod
     def _get_fn_args_from_batch(tensor_dict: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor], dict]:
-        """``(x, batch_index), {"nonzero": (rows, cols)}``; the non-zero positions of ``x`` come with minibatches
-        of :class:`~pyro_vmm.scvi_model.CountsDataset` (key ``"nonzero"``, shape ``(2, nnz)``), else ``{}``."""
+        """``(x, batch_index), {"nonzero": (rows, cols), "cat_covs": ..., "cont_covs": ..., "size_factor": ...}``;
+        the non-zero positions of ``x`` come with minibatches of :class:`~pyro_vmm.scvi_model.CountsDataset` (key
+        ``"nonzero"``, shape ``(2, nnz)``), the covariates when registered; absent keys are left out."""
         args = (tensor_dict[REGISTRY_KEYS.X_KEY], tensor_dict[REGISTRY_KEYS.BATCH_KEY])
+        kwargs = covariate_kwargs(tensor_dict)
         nonzero = tensor_dict.get(NONZERO_KEY)
-        return args, ({} if nonzero is None else {"nonzero": (nonzero[0], nonzero[1])})
+        if nonzero is not None:
+            kwargs["nonzero"] = (nonzero[0], nonzero[1])
+        return args, kwargs
 
     @property
     def device(self) -> torch.device:
@@ -407,8 +457,49 @@ class VMMSCVIModule(PyroBaseModuleClass):
     def _batch_onehot(self, batch_index: Tensor) -> Tensor:
         return F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(self.px_r.dtype)[:, : self.n_batch_input]
 
+    def _check_covs(self, cat_covs: Tensor | None, cont_covs: Tensor | None) -> None:
+        if self.n_cats_per_cov and (cat_covs is None or cat_covs.shape[-1] != len(self.n_cats_per_cov)):
+            raise ValueError(
+                f"this model was set up with {len(self.n_cats_per_cov)} categorical covariate(s); pass cat_covs "
+                f"(B, {len(self.n_cats_per_cov)}) codes, got {None if cat_covs is None else tuple(cat_covs.shape)}"
+            )
+        if self.n_continuous_cov and (cont_covs is None or cont_covs.shape[-1] != self.n_continuous_cov):
+            raise ValueError(
+                f"this model was set up with {self.n_continuous_cov} continuous covariate(s); pass cont_covs "
+                f"(B, {self.n_continuous_cov}), got {None if cont_covs is None else tuple(cont_covs.shape)}"
+            )
+
+    def _covariate_input(self, batch_index: Tensor, cat_covs: Tensor | None, cont_covs: Tensor | None) -> Tensor:
+        """The encoder's covariate columns ``concat(c, onehot(s), onehot(k_1), ...)`` (empty without
+        ``encode_covariates``)."""
+        self._check_covs(cat_covs, cont_covs)
+        parts = [cont_covs.to(self.px_r.dtype)] if self.n_cont_input else []
+        parts.append(self._batch_onehot(batch_index))
+        for j, width in enumerate(self.cat_input_widths):
+            if width:
+                parts.append(F.one_hot(cat_covs[:, j].long(), width).to(self.px_r.dtype))
+        return torch.cat(parts, dim=-1)
+
+    def _decoder_args(
+        self, z: Tensor, batch_index: Tensor, cat_covs: Tensor | None, cont_covs: Tensor | None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``(concat(z, c), [batch, k_1, ...])``: the decoder's input and its categorical arguments, as scvi-tools'
+        ``VAE.generative`` builds them."""
+        self._check_covs(cat_covs, cont_covs)
+        if self.n_continuous_cov:
+            z = torch.cat([z, cont_covs.to(z.dtype)], dim=-1)
+        cats = [batch_index.reshape(-1, 1)]
+        if self.n_cats_per_cov:
+            cats.extend(cat_covs.split(1, dim=-1))
+        return z, cats
+
+    @staticmethod
+    def _library(x: Tensor, size_factor: Tensor | None) -> Tensor:
+        """:math:`\ell_n`, ``(B, 1)``: the size factor when registered, else the observed total count."""
+        return x.sum(-1, keepdim=True) if size_factor is None else size_factor.reshape(-1, 1).to(x.dtype)
+
     def _posterior(self, encoder_input: Tensor) -> dist.Independent:
-        """``q = N(m, diag sigma^2)`` from the encoder input ``concat(log1p(counts), batch_vector)``."""
+        """``q = N(m, diag sigma^2)`` from the encoder input ``concat(log1p(counts), covariate_vector)``."""
         h = self.encoder(encoder_input)
         loc = self.mean_encoder(h)
         raw = self.var_encoder(h)
@@ -418,75 +509,126 @@ class VMMSCVIModule(PyroBaseModuleClass):
             scale = F.softplus(raw)
         return dist.Normal(loc, scale).to_event(1)
 
-    def encode(self, x: Tensor, batch_index: Tensor) -> dist.Independent:
-        r""":math:`q_\phi(z \mid x, s)`, batch shape ``(B,)``, event ``(D,)`` (uses the current train/eval mode)."""
-        return self._posterior(torch.cat([torch.log1p(x), self._batch_onehot(batch_index)], dim=-1))
+    def encode(
+        self, x: Tensor, batch_index: Tensor, cat_covs: Tensor | None = None, cont_covs: Tensor | None = None
+    ) -> dist.Independent:
+        r""":math:`q_\phi(z \mid x, s, k, c)`, batch shape ``(B,)``, event ``(D,)`` (uses the current train/eval
+        mode); the covariates are read only with ``encode_covariates``."""
+        return self._posterior(torch.cat([torch.log1p(x), self._covariate_input(batch_index, cat_covs, cont_covs)], -1))
 
     def pseudo_counts(self, u_raw: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Pseudo counts :math:`\operatorname{softplus}(v) - c`, batch vector :math:`\operatorname{softmax}(w)`."""
-        counts = F.softplus(u_raw[..., : self.n_input]) - self.pseudo_input_shift
-        batch = torch.softmax(u_raw[..., self.n_input :], dim=-1) if self.n_batch_input else u_raw[..., :0]
-        return counts, batch
+        r"""Pseudo counts :math:`\operatorname{softplus}(v) - c` and the covariate vector: the continuous means, the
+        soft batch vector :math:`\operatorname{softmax}(w)` and one softmax per categorical covariate."""
+        g = self.n_input
+        counts = F.softplus(u_raw[..., :g]) - self.pseudo_input_shift
+        parts = []
+        if self.n_cont_input:
+            parts.append(self.pseudo_cont_covs.to(u_raw.dtype).expand(*u_raw.shape[:-1], -1))
+        start = g
+        for width in [self.n_batch_input, *self.cat_input_widths]:
+            if width:
+                parts.append(torch.softmax(u_raw[..., start : start + width], dim=-1))
+                start += width
+        return counts, (torch.cat(parts, dim=-1) if parts else u_raw[..., :0])
 
     def pseudo_posterior(self, u_raw: Tensor) -> dist.Independent:
-        r""":math:`q_\phi(\mu_k \mid u_k)` for raw pseudo-inputs ``(K, G + n_batch)``, encoder in eval mode."""
-        counts, batch = self.pseudo_counts(u_raw)
+        r""":math:`q_\phi(\mu_k \mid u_k)` for raw pseudo-inputs, encoder in eval mode."""
+        counts, covs = self.pseudo_counts(u_raw)
         with eval_mode(self.encoder):
-            return self._posterior(torch.cat([torch.log1p(counts), batch], dim=-1))
+            return self._posterior(torch.cat([torch.log1p(counts), covs], dim=-1))
 
     def likelihood(
-        self, z: Tensor, library: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
+        self,
+        z: Tensor,
+        library: Tensor,
+        batch_index: Tensor,
+        nonzero: tuple[Tensor, Tensor] | None = None,
+        cat_covs: Tensor | None = None,
+        cont_covs: Tensor | None = None,
     ) -> dist.TorchDistribution:
-        r""":math:`p(x \mid z, \ell, s)` with event shape ``(G,)``; ``library`` is :math:`\ell` (counts, ``(B, 1)``);
-        ``nonzero``: the positions of the non-zero counts, when known (see :class:`GeneCounts`)."""
-        px = self.decoder.px_decoder(z, batch_index)
+        r""":math:`p(x \mid z, \ell, s, k, c)` with event shape ``(G,)``; ``library`` is :math:`\ell` (counts,
+        ``(B, 1)``); ``nonzero``: the positions of the non-zero counts, when known (see :class:`GeneCounts`)."""
+        dec_in, cats = self._decoder_args(z, batch_index, cat_covs, cont_covs)
+        px = self.decoder.px_decoder(dec_in, *cats)
         scale_logits = self.decoder.px_scale_decoder[0](px)  # DecoderSCVI's Linear before its Softmax
         gate_logits = self.decoder.px_dropout_decoder(px) if self.gene_likelihood == "zinb" else None
         return GeneCounts(scale_logits, torch.log(library), self.px_r, gate_logits, nonzero)
 
     # ------------------------------------------------------------------------------------------- Pyro programs
-    def model(self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> None:
+    def model(
+        self,
+        x: Tensor,
+        batch_index: Tensor,
+        nonzero: tuple[Tensor, Tensor] | None = None,
+        cat_covs: Tensor | None = None,
+        cont_covs: Tensor | None = None,
+        size_factor: Tensor | None = None,
+    ) -> None:
         """``nonzero``: the ``(rows, cols)`` of ``x``'s non-zero counts, as ``torch.nonzero(x, as_tuple=True)`` gives
-        them (computed when ``None``; the data loader passes them along, which saves that pass)."""
+        them (computed when ``None``; the data loader passes them along, which saves that pass).  ``cat_covs``
+        ``(B, n_cat_covs)`` codes, ``cont_covs`` ``(B, n_cont_covs)``, ``size_factor`` ``(B, 1)``: the registered
+        covariates (see the module docstring)."""
         b = x.shape[0]
-        library = x.sum(-1, keepdim=True)
+        library = self._library(x, size_factor)
         with pyro.plate("data", b), poutine.scale(scale=1.0 / b):
             z = pyro.sample("z", self.prior.latent_dist(self.pseudo_posterior))
-            pyro.sample("x", self.likelihood(z, library, batch_index, nonzero), obs=x)
+            pyro.sample("x", self.likelihood(z, library, batch_index, nonzero, cat_covs, cont_covs), obs=x)
 
-    def guide(self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> None:
+    def guide(
+        self,
+        x: Tensor,
+        batch_index: Tensor,
+        nonzero: tuple[Tensor, Tensor] | None = None,
+        cat_covs: Tensor | None = None,
+        cont_covs: Tensor | None = None,
+        size_factor: Tensor | None = None,
+    ) -> None:
         b = x.shape[0]
         with pyro.plate("data", b), poutine.scale(scale=1.0 / b):
-            pyro.sample("z", self.encode(x, batch_index))
+            pyro.sample("z", self.encode(x, batch_index, cat_covs, cont_covs))
 
     # ------------------------------------------------------------------------------------------- inference helpers
+    # ``**covs``: the registered covariates, ``cat_covs``, ``cont_covs``, ``size_factor`` (see :meth:`model`)
     @torch.no_grad()
-    def latent_mean(self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def latent_mean(
+        self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None, **covs: Tensor | None
+    ) -> Tensor:
         """Posterior mean E_q[z | x, s] (networks in eval mode)."""
         with eval_mode(self):
-            return self.encode(x, batch_index).mean
+            return self._encode(x, batch_index, covs).mean
+
+    def _encode(self, x: Tensor, batch_index: Tensor, covs: dict) -> dist.Independent:
+        """:meth:`encode` with the covariates of ``covs`` that are given (none: ``encode(x, batch_index)``)."""
+        given = {k: covs[k] for k in ("cat_covs", "cont_covs") if covs.get(k) is not None}
+        return self.encode(x, batch_index, **given)
 
     @torch.no_grad()
-    def latent_moments(self, x: Tensor, batch_index: Tensor) -> tuple[Tensor, Tensor]:
+    def latent_moments(self, x: Tensor, batch_index: Tensor, **covs: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean and variance of :math:`q(z \\mid x, s)`, each ``(B, D)`` (networks in eval mode)."""
         with eval_mode(self):
-            q = self.encode(x, batch_index).base_dist
+            q = self._encode(x, batch_index, covs).base_dist
             return q.loc, q.scale.square()
 
     @torch.no_grad()
-    def latent_sample(self, x: Tensor, batch_index: Tensor) -> Tensor:
+    def latent_sample(self, x: Tensor, batch_index: Tensor, **covs: Tensor | None) -> Tensor:
         """One draw :math:`z \\sim q(z \\mid x, s)` per cell, ``(B, D)`` (networks in eval mode)."""
         with eval_mode(self):
-            return self.encode(x, batch_index).sample()
+            return self._encode(x, batch_index, covs).sample()
 
     @torch.no_grad()
     def cluster_probs(
-        self, x: Tensor, batch_index: Tensor, give_mean: bool = True, mc_samples: int = 100, rows_per_pass: int = 16384
+        self,
+        x: Tensor,
+        batch_index: Tensor,
+        give_mean: bool = True,
+        mc_samples: int = 100,
+        rows_per_pass: int = 16384,
+        **covs: Tensor | None,
     ) -> Tensor:
         """:math:`q(c \\mid z)`, shape ``(B, K)`` (networks in eval mode): at the posterior mean z (``give_mean``), or
         averaged over ``mc_samples`` draws :math:`z \\sim q(z \\mid x, s)`, ``rows_per_pass`` cell-draws at a time."""
         with eval_mode(self):
-            q = self.encode(x, batch_index)
+            q = self._encode(x, batch_index, covs)
             if give_mean:
                 return self.prior.cluster_probs(q.mean, self.pseudo_posterior)
             if int(mc_samples) < 1:
@@ -500,12 +642,23 @@ class VMMSCVIModule(PyroBaseModuleClass):
                 total = total + self.prior.cluster_probs(z, self.pseudo_posterior).reshape(s, b, -1).sum(0)
             return total / int(mc_samples)
 
+    @staticmethod
+    def _repeat_covs(covs: dict, n_samples: int) -> dict:
+        return {k: (None if v is None else v.repeat(n_samples, 1) if v.dim() == 2 else v.repeat(n_samples))
+                for k, v in covs.items()}
+
     @torch.no_grad()
     def normalized_expression(
-        self, x: Tensor, batch_index: Tensor, n_samples: int = 1, batch_codes: tuple[int | None, ...] = (None,)
+        self,
+        x: Tensor,
+        batch_index: Tensor,
+        n_samples: int = 1,
+        batch_codes: tuple[int | None, ...] = (None,),
+        **covs: Tensor | None,
     ) -> Tensor:
-        r"""Decoded expression frequencies :math:`\rho = \operatorname{softmax} f_\theta(z, s')`, :math:`z \sim
-        q(z \mid x, s)`, averaged over the batches :math:`s'` in ``batch_codes`` (``None``: the cell's own batch).
+        r"""Decoded expression frequencies :math:`\rho = \operatorname{softmax} f_\theta(z, s', k, c)`, :math:`z \sim
+        q(z \mid x, s)`, averaged over the batches :math:`s'` in ``batch_codes`` (``None``: the cell's own batch);
+        the covariates :math:`k, c` are the cell's own.
 
         One set of ``n_samples`` draws of z serves every batch in ``batch_codes``, so the average over batches
         carries no extra Monte Carlo noise.  Networks in eval mode; returns ``(n_samples, B, G)``, rows sum to 1."""
@@ -513,25 +666,33 @@ class VMMSCVIModule(PyroBaseModuleClass):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         b = x.shape[0]
         with eval_mode(self):
-            z = self.encode(x, batch_index).sample((n_samples,)).reshape(n_samples * b, -1)
-            log_library = torch.log(x.sum(-1, keepdim=True)).repeat(n_samples, 1)  # enters px_rate only, not rho
+            z = self._encode(x, batch_index, covs).sample((n_samples,)).reshape(n_samples * b, -1)
+            rep = self._repeat_covs(covs, n_samples)
+            # enters px_rate only, not rho
+            log_library = torch.log(self._library(x, covs.get("size_factor"))).repeat(n_samples, 1)
             own = batch_index.reshape(-1, 1).repeat(n_samples, 1)
             rho = 0.0
             for code in batch_codes:
                 batch = own if code is None else torch.full_like(own, int(code))
-                rho = rho + self.decoder("gene", z, log_library, batch)[0]
+                dec_in, cats = self._decoder_args(z, batch, rep.get("cat_covs"), rep.get("cont_covs"))
+                rho = rho + self.decoder("gene", dec_in, log_library, *cats)[0]
         return (rho / len(batch_codes)).reshape(n_samples, b, -1)
 
-    def _likelihood_per_draw(self, z: Tensor, x: Tensor, batch_index: Tensor) -> dist.TorchDistribution:
+    def _likelihood_per_draw(self, z: Tensor, x: Tensor, batch_index: Tensor, covs: dict) -> dist.TorchDistribution:
         r""":math:`p(x \mid z_s, \ell, s)` for draws ``z`` ``(S, B, D)`` of the cells ``x`` ``(B, G)``, flattened to batch
         shape ``(S * B,)`` (draw-major: row ``s * B + n`` is cell ``n``'s draw ``s``)."""
         n_samples = z.shape[0]
-        library = x.sum(-1, keepdim=True).repeat(n_samples, 1)
+        library = self._library(x, covs.get("size_factor")).repeat(n_samples, 1)
         batch_rep = batch_index.reshape(-1, 1).repeat(n_samples, 1)
-        return self.likelihood(z.reshape(n_samples * x.shape[0], -1), library, batch_rep)
+        rep = self._repeat_covs(covs, n_samples)
+        return self.likelihood(
+            z.reshape(n_samples * x.shape[0], -1), library, batch_rep, None, rep.get("cat_covs"), rep.get("cont_covs")
+        )
 
     @torch.no_grad()
-    def log_weights(self, x: Tensor, batch_index: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
+    def log_weights(
+        self, x: Tensor, batch_index: Tensor, n_samples: int, **covs: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         r"""Importance log-weights :math:`\log w_s = \log p(x \mid z_s, \ell, s) + \log p(z_s) - \log q(z_s \mid x, s)`
         and the log-likelihood terms :math:`\log p(x \mid z_s, \ell, s)`, both ``(n_samples, B)``, for
         :math:`z_s \sim q(z \mid x, s)`; :math:`p(z)` is the model's prior (for the VMM the marginal mixture).
@@ -540,16 +701,17 @@ class VMMSCVIModule(PyroBaseModuleClass):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         b = x.shape[0]
         with eval_mode(self):
-            q = self.encode(x, batch_index)
+            q = self._encode(x, batch_index, covs)
             z = q.rsample((n_samples,))  # (S, B, D); the draws Pyro's guide would make from the same seed
-            px = self._likelihood_per_draw(z, x, batch_index)
+            px = self._likelihood_per_draw(z, x, batch_index, covs)
             log_px = px.log_prob(x.repeat(n_samples, 1)).reshape(n_samples, b)
             log_pz = self.prior.latent_dist(self.pseudo_posterior).log_prob(z)
             return log_px + log_pz - q.log_prob(z), log_px
 
     @torch.no_grad()
     def marginal_ll(
-        self, x: Tensor, batch_index: Tensor, n_samples: int = 1000, n_samples_per_pass: int = 100
+        self, x: Tensor, batch_index: Tensor, n_samples: int = 1000, n_samples_per_pass: int = 100,
+        **covs: Tensor | None,
     ) -> Tensor:
         r"""Importance-sampled :math:`\log p(x \mid \ell, s) \approx \operatorname{LSE}_{s=1}^S \log w_s - \log S`
         per cell, shape ``(B,)`` (the IWAE bound of Burda et al.: below :math:`\log p(x)` in expectation, rising to
@@ -561,11 +723,13 @@ class VMMSCVIModule(PyroBaseModuleClass):
             )
         parts = []
         for start in range(0, n_samples, n_samples_per_pass):
-            parts.append(self.log_weights(x, batch_index, min(n_samples_per_pass, n_samples - start))[0])
+            parts.append(self.log_weights(x, batch_index, min(n_samples_per_pass, n_samples - start), **covs)[0])
         return torch.logsumexp(torch.cat(parts), 0) - math.log(n_samples)
 
     @torch.no_grad()
-    def posterior_predictive(self, x: Tensor, batch_index: Tensor, n_samples: int = 1) -> Tensor:
+    def posterior_predictive(
+        self, x: Tensor, batch_index: Tensor, n_samples: int = 1, **covs: Tensor | None
+    ) -> Tensor:
         r"""Replicated counts :math:`\tilde x^{(s)} \sim p(x \mid z^{(s)}, \ell, s)`, :math:`z^{(s)} \sim q(z \mid x)`.
 
         ``x`` enters only through the guide and the observed library size; returns ``(B, G, n_samples)``."""
@@ -573,6 +737,6 @@ class VMMSCVIModule(PyroBaseModuleClass):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         b = x.shape[0]
         with eval_mode(self):
-            z = self.encode(x, batch_index).sample((n_samples,))  # (S, B, D)
-            x_rep = self._likelihood_per_draw(z, x, batch_index).sample()
+            z = self._encode(x, batch_index, covs).sample((n_samples,))  # (S, B, D)
+            x_rep = self._likelihood_per_draw(z, x, batch_index, covs).sample()
         return x_rep.reshape(n_samples, b, -1).permute(1, 2, 0)

@@ -87,8 +87,8 @@ def backed_raw_counts_properties(
 class ExpressionMixin:
     """``get_normalized_expression``, ``differential_expression`` and ``cluster_markers`` for ``VMMSCVI``.
 
-    Needs from the host class: ``module.normalized_expression(x, batch_index, n_samples, batch_codes)``,
-    ``_minibatches(adata, indices, batch_size)``, ``_validate_anndata``, ``get_anndata_manager``,
+    Needs from the host class: ``module.normalized_expression(x, batch_index, n_samples, batch_codes, **covs)``,
+    ``_minibatch_args(adata, indices, batch_size)`` (yielding ``(x, batch_index, covs)``), ``_validate_anndata``, ``get_anndata_manager``,
     ``get_latent_representation`` and ``get_cluster_assignments``.
     """
 
@@ -202,12 +202,14 @@ class ExpressionMixin:
             gene_mask = names.isin([str(g) for g in gene_list])
 
         parts = []
-        batches = self._minibatches(adata, indices, batch_size)
+        batches = self._minibatch_args(adata, indices, batch_size)
         keep = torch.as_tensor(gene_mask, device=self.module.device)
         with torch.inference_mode():
-            for x, b in tqdm(batches, disable=silent, desc="decoding", unit="batch", leave=False):
-                rho = self.module.normalized_expression(x, b, n_samples=n_samples, batch_codes=codes)  # (S, B, G)
-                scale = x.sum(-1, keepdim=True) if library_size == "latent" else float(library_size)
+            for x, b, c in tqdm(batches, disable=silent, desc="decoding", unit="batch", leave=False):
+                rho = self.module.normalized_expression(x, b, n_samples=n_samples, batch_codes=codes, **c)  # (S,B,G)
+                # "latent": the library the likelihood uses (the size factor when registered)
+                scale = self.module._library(x, c.get("size_factor")) if library_size == "latent" else float(
+                    library_size)
                 parts.append((rho * scale)[..., keep].cpu().numpy())
         expr = np.concatenate(parts, axis=1)  # (S, N, G')
 

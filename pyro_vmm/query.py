@@ -34,10 +34,14 @@ __all__ = ["freeze_for_query", "load_query_data", "prepare_query_anndata"]
 NEW_BATCH_LOGIT = -1e4
 
 
-def _widen(old: torch.Tensor, new: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """``old`` copied into the leading columns of a tensor shaped like ``new``; the added columns hold ``fill``."""
+def _widen(old: torch.Tensor, new: torch.Tensor, fill: float = 0.0, at: int | None = None) -> torch.Tensor:
+    """``old`` in a tensor shaped like ``new`` with ``new.shape[1] - old.shape[1]`` columns holding ``fill`` inserted
+    before ``old``'s column ``at`` (default: appended); the columns after ``at`` (covariates after the batch) move."""
+    at = old.shape[1] if at is None else int(at)
+    n_added = new.shape[1] - old.shape[1]
     out = torch.full_like(new, fill)
-    out[:, : old.shape[1]] = old
+    out[:, :at] = old[:, :at]
+    out[:, at + n_added :] = old[:, at:]
     return out
 
 
@@ -57,6 +61,12 @@ def _normalise_with_reference_statistics(bn: torch.nn.BatchNorm1d, args) -> None
     in training mode.  On minibatch statistics the shift a new batch column adds to every query cell of a one-batch
     minibatch is subtracted again with the minibatch mean, so that column would get no gradient at all."""
     bn.training = False
+
+
+def _batch_offsets(module) -> tuple[int, int]:
+    """First column of the batch one-hot in the first encoder and first decoder layers (after the counts or z and the
+    continuous covariates)."""
+    return module.n_input + module.n_cont_input, module.n_latent + module.n_continuous_cov
 
 
 def _first_layer_weights(module) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
@@ -172,6 +182,7 @@ def load_query_data(
     """
     from scvi import REGISTRY_KEYS
 
+    from .scvi_model import covariate_query_args
     from .validation import (
         InputError,
         InputWarning,
@@ -193,7 +204,7 @@ def load_query_data(
     with warnings.catch_warnings():  # setup_anndata below checks (and warns about) the counts again
         warnings.simplefilter("ignore", InputWarning)
         validate_query(adata, layer=args.get("layer"), batch_key=args["batch_key"], labels_key=args.get("labels_key"),
-                       model_batches=ref_batches, allow_new_batches=True)
+                       model_batches=ref_batches, allow_new_batches=True, **covariate_query_args(ref.registry))
     query_batches = np.unique(np.asarray(adata.obs[args["batch_key"]].astype(str)))
     if all(b in ref_batches for b in query_batches):
         raise InputError(
@@ -201,13 +212,17 @@ def load_query_data(
             "there is nothing to map. Fix: embed it directly with reference_model.get_latent_representation(adata)."
         )
 
-    setup = {k: args.get(k) for k in ("layer", "batch_key", "labels_key")}
+    keys = ("layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
+            "continuous_covariate_keys")
+    setup = {k: args.get(k) for k in keys}
     cls.setup_anndata(adata, source_registry=ref.registry, extend_categories=True, **setup)
     init = ref.init_params
     params = {**init.get("non_kwargs", {}), **init.get("kwargs", {}).get("module_kwargs", {})}
     model = cls(adata, **params)
     module = model.module
     g = module.n_input
+    n_ref = len(ref_batches) if len(ref_batches) > 1 else 0  # a one-batch reference has no batch columns
+    enc_at, dec_at = _batch_offsets(module)
 
     # the reference's parameters, widened where the batch one-hot grew
     names = {id(p): name for name, p in module.named_parameters()}
@@ -219,12 +234,13 @@ def load_query_data(
         if old.shape == value.shape:
             state[key] = old.clone()
         elif key.startswith("prior.") and "pseudo_inputs" in key:  # (K, G + batches): new batches' logits -> -inf
-            widened = _widen(old, value, NEW_BATCH_LOGIT)
+            widened = _widen(old, value, NEW_BATCH_LOGIT, at=g + n_ref)
             if len(ref_batches) == 1:  # a one-batch reference: its batch (code 0) gets the whole softmax
                 widened[:, g] = 0.0
             state[key] = widened
         elif key in first_layers:  # the new batches' columns start at zero
-            state[key] = _widen(old, value, 0.0)
+            enc = key.startswith("encoder.")
+            state[key] = _widen(old, value, 0.0, at=(enc_at if enc else dec_at) + n_ref)
         else:
             raise RuntimeError(f"cannot map parameter {key!r} from shape {tuple(old.shape)} to {tuple(value.shape)}")
     module.load_state_dict(state)
@@ -245,7 +261,7 @@ def freeze_for_query(model) -> None:
     stay fixed.  Called by :func:`load_query_data` and again by ``VMMSCVI.load`` on a saved query model, since neither
     ``requires_grad`` flags nor gradient hooks are saved."""
     module = model.module
-    g, d = module.n_input, module.n_latent
+    g, d = _batch_offsets(module)
     new_codes = torch.arange(len(model.reference_batches_), module.n_batch)
     for p in module.parameters():
         p.requires_grad_(False)

@@ -30,14 +30,20 @@ import torch
 from scipy import sparse as sp
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+    NumericalObsField,
+)
 from scvi.dataloaders import DataSplitter
 from scvi.model._utils import parse_device_args
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pyro_vmm.models.scvi import NONZERO_KEY, VMMSCVIModule
+from pyro_vmm.models.scvi import COVARIATE_KEYS, NONZERO_KEY, VMMSCVIModule, covariate_kwargs
 
 from .backed import BackedMatrix, is_backed
 from .checkpoint import load_checkpoint
@@ -84,13 +90,44 @@ def registered_arrays(adata_manager: AnnDataManager, indices: np.ndarray | None 
     return counts, batch
 
 
+def registered_covariates(adata_manager: AnnDataManager, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The registered covariates that are present, as ``{registry key: (N, .) array}``: categorical codes (int64),
+    continuous covariates and size factors (float32), optionally row-subset (they live in ``adata.obs``, in memory
+    also for a backed AnnData)."""
+    out = {}
+    fields = adata_manager.data_registry
+    for key in COVARIATE_KEYS:
+        if key not in fields:
+            continue
+        values = adata_manager.get_from_registry(key)
+        values = np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values)
+        values = values.reshape(values.shape[0], -1)
+        values = values.astype(np.int64 if key == REGISTRY_KEYS.CAT_COVS_KEY else np.float32)
+        out[key] = values if indices is None else values[indices]
+    return out
+
+
+def covariate_query_args(registry: dict) -> dict:
+    """The covariate arguments of :func:`pyro_vmm.validation.validate_query` for a model's registry: the size-factor
+    and continuous keys, and each categorical covariate's categories."""
+    args = registry["setup_args"]
+    cat_state = registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
+    return {
+        "size_factor_key": args.get("size_factor_key"),
+        "categorical_covariates": {k: list(v) for k, v in cat_state.get("mappings", {}).items()},
+        "continuous_covariate_keys": list(args.get("continuous_covariate_keys") or []),
+    }
+
+
 class CountsDataset(Dataset):
     """Counts and batch codes indexed by a tensor of row positions; returns scvi-tools' minibatch dict.
 
     Counts are a dense float32 tensor (optionally already on the training device) unless that would exceed
     ``max_dense_bytes``; then a CSR matrix is kept and each minibatch is densified on the fly.  ``counts`` may also be
     a :class:`~pyro_vmm.backed.BackedMatrix` (an on-disk AnnData matrix) with ``rows``, the file rows of this
-    dataset's cells: each minibatch is then read from the file (streamed), and nothing else is held in memory."""
+    dataset's cells: each minibatch is then read from the file (streamed), and nothing else is held in memory.
+    ``covariates``: the registered covariates of the same cells (:func:`registered_covariates`), added to every
+    minibatch under their registry keys."""
 
     def __init__(
         self,
@@ -99,6 +136,7 @@ class CountsDataset(Dataset):
         device: torch.device | str = "cpu",
         max_dense_bytes: int = MAX_DENSE_BYTES,
         rows: np.ndarray | None = None,
+        covariates: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.streamed = isinstance(counts, BackedMatrix)
@@ -119,6 +157,12 @@ class CountsDataset(Dataset):
         else:
             self.counts = sp.csr_matrix(counts, dtype=np.float32)
         self.batch = torch.as_tensor(batch, dtype=torch.long, device=self.device if self.dense else "cpu")
+        self.covariates = {
+            key: torch.as_tensor(values, device=self.batch.device) for key, values in (covariates or {}).items()
+        }
+        for key, values in self.covariates.items():
+            if values.shape[0] != len(self.batch):
+                raise ValueError(f"{values.shape[0]} rows of {key!r} for {len(self.batch)} cells")
 
     def __len__(self) -> int:
         return int(self.batch.shape[0])
@@ -130,6 +174,7 @@ class CountsDataset(Dataset):
                 REGISTRY_KEYS.X_KEY: self.counts[idx],
                 REGISTRY_KEYS.BATCH_KEY: self.batch[idx],
                 NONZERO_KEY: _gather_rows_nonzero(self.indptr, self.indices, idx),
+                **{key: values[idx] for key, values in self.covariates.items()},
             }
         rows = idx.cpu().numpy()
         block = self.counts.read_rows(self.rows[rows]) if self.streamed else self.counts[rows]
@@ -137,6 +182,7 @@ class CountsDataset(Dataset):
         return {  # no "nonzero" key: the likelihood finds the non-zero counts of the densified block itself
             REGISTRY_KEYS.X_KEY: torch.from_numpy(np.asarray(x, dtype=np.float32)),
             REGISTRY_KEYS.BATCH_KEY: self.batch[idx.cpu()],
+            **{key: values[idx.cpu()] for key, values in self.covariates.items()},
         }
 
 
@@ -330,6 +376,7 @@ class InMemoryDataSplitter(DataSplitter):
             return
         super().setup(stage)
         counts, batch = registered_arrays(self.adata_manager, stream=self.stream_backed)
+        covs = registered_covariates(self.adata_manager)
         device = self.device if self.device.type != "cpu" else "cpu"
         self.streamed = isinstance(counts, BackedMatrix)
         if self.block_size is None:
@@ -339,9 +386,10 @@ class InMemoryDataSplitter(DataSplitter):
             if len(idx) == 0:
                 return None
             idx = np.sort(idx)
+            sub = {key: values[idx] for key, values in covs.items()}
             if self.streamed:
-                return CountsDataset(counts, batch[idx], rows=idx)
-            return CountsDataset(counts[idx], batch[idx], device, self.max_dense_bytes)
+                return CountsDataset(counts, batch[idx], rows=idx, covariates=sub)
+            return CountsDataset(counts[idx], batch[idx], device, self.max_dense_bytes, covariates=sub)
 
         self._sets = {"train": subset(self.train_idx), "val": subset(self.val_idx), "test": subset(self.test_idx)}
 
@@ -464,6 +512,16 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         n_batch = self.summary_stats.n_batch
         rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
         pseudo_counts = None
+        covs = registered_covariates(self.adata_manager)
+        cat_state = self.adata_manager.registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
+        n_cats_per_cov = list(cat_state.get("state_registry", {}).get("n_cats_per_key", []))
+        cont = covs.get(REGISTRY_KEYS.CONT_COVS_KEY)
+        covariate_sizes = {}
+        if n_cats_per_cov:
+            covariate_sizes["n_cats_per_cov"] = n_cats_per_cov
+        if cont is not None:  # the pseudo-inputs' continuous part: the cells' mean
+            covariate_sizes["n_continuous_cov"] = cont.shape[1]
+            covariate_sizes["cont_covs_mean"] = torch.as_tensor(cont.mean(axis=0, dtype=np.float64))
         if prior.lower() in ("vmm", "vampprior"):
             rows = np.sort(rng.choice(n_cells, size=n_clusters, replace=n_clusters > n_cells))
             counts, _ = registered_arrays(self.adata_manager, rows)
@@ -484,6 +542,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 pseudo_inputs=pseudo_counts,
                 inference=inference,
                 encode_covariates=encode_covariates,
+                **covariate_sizes,
                 **module_kwargs,
             )
         self._model_summary_string = (
@@ -501,17 +560,35 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         layer: str | None = None,
         batch_key: str | None = None,
         labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         **kwargs,
     ) -> None:
-        """Register raw counts (``adata.X`` or ``adata.layers[layer]``), the batch and (optionally) the labels."""
+        """Register raw counts (``adata.X`` or ``adata.layers[layer]``), the batch, (optionally) the labels, and the
+        covariates, with ``scvi.model.SCVI.setup_anndata``'s semantics: ``size_factor_key``, an ``adata.obs`` column
+        of positive size factors used as the library size :math:`\ell_n` instead of the cell's total count;
+        ``categorical_covariate_keys`` (one-hot) and ``continuous_covariate_keys`` (as they are), ``adata.obs``
+        columns given to the decoder (and to the encoder with ``encode_covariates=True``)."""
         setup_method_args = cls._get_setup_method_args(**locals())  # first: only the arguments are locals here
         from pyro_vmm.validation import validate_anndata
 
-        validate_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key)
+        validate_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
@@ -709,7 +786,16 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
     def _minibatches(
         self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(x, batch_index)`` minibatches on the module's device, in the order of ``indices``."""
+        """``(x, batch_index)`` minibatches on the module's device, in the order of ``indices`` (without the
+        covariates: :meth:`_minibatch_args` has them)."""
+        for x, b, _ in self._minibatch_args(adata, indices, batch_size):
+            yield x, b
+
+    def _minibatch_args(
+        self, adata=None, indices: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(x, batch_index, covs)`` minibatches on the module's device, in the order of ``indices``; ``covs`` the
+        registered covariates as the module's keyword arguments (``cat_covs``, ``cont_covs``, ``size_factor``)."""
         adata = self._validate_anndata(adata)
         manager = self.get_anndata_manager(adata, required=True)
         if indices is not None:
@@ -717,19 +803,23 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             if indices.dtype == bool:
                 indices = np.flatnonzero(indices)
         counts, batch = registered_arrays(manager, indices, stream=True)
+        covs = registered_covariates(manager, indices)
         if isinstance(counts, BackedMatrix):  # read from the file minibatch by minibatch (rows None: all, in order)
-            ds = CountsDataset(counts, batch, rows=indices)
+            ds = CountsDataset(counts, batch, rows=indices, covariates=covs)
         else:
-            ds = CountsDataset(counts, batch, max_dense_bytes=0 if sp.issparse(counts) else MAX_DENSE_BYTES)
+            max_bytes = 0 if sp.issparse(counts) else MAX_DENSE_BYTES
+            ds = CountsDataset(counts, batch, max_dense_bytes=max_bytes, covariates=covs)
         device = self.module.device
         for idx in MinibatchSampler(len(ds), batch_size or settings.batch_size, shuffle=False):
             item = ds[idx]
-            yield item[REGISTRY_KEYS.X_KEY].to(device), item[REGISTRY_KEYS.BATCH_KEY].to(device)
+            kwargs = {k: v.to(device) for k, v in covariate_kwargs(item).items()}
+            yield item[REGISTRY_KEYS.X_KEY].to(device), item[REGISTRY_KEYS.BATCH_KEY].to(device), kwargs
 
     def _collect(self, fn, adata, indices, batch_size) -> np.ndarray:
+        """``fn(x, batch_index, **covs)`` over the minibatches, concatenated along the cells."""
         self._check_if_trained(warn=False)
         with torch.inference_mode():
-            parts = [fn(x, b).cpu().numpy() for x, b in self._minibatches(adata, indices, batch_size)]
+            parts = [fn(x, b, **c).cpu().numpy() for x, b, c in self._minibatch_args(adata, indices, batch_size)]
         return np.concatenate(parts, axis=0)
 
     def get_latent_representation(
@@ -749,8 +839,8 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
             self._check_if_trained(warn=False)
             means, variances = [], []
             with torch.inference_mode():
-                for x, b in self._minibatches(adata, indices, batch_size):
-                    m, v = self.module.latent_moments(x, b)
+                for x, b, c in self._minibatch_args(adata, indices, batch_size):
+                    m, v = self.module.latent_moments(x, b, **c)
                     means.append(m.cpu().numpy())
                     variances.append(v.cpu().numpy())
             return np.concatenate(means, axis=0), np.concatenate(variances, axis=0)
@@ -770,7 +860,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         (``give_mean=False``: the posterior expectation :math:`E_q[q(c \\mid z)]`, which also reflects how uncertain
         the cell's position is)."""
         return self._collect(
-            lambda x, b: self.module.cluster_probs(x, b, give_mean=give_mean, mc_samples=mc_samples),
+            lambda x, b, **c: self.module.cluster_probs(x, b, give_mean=give_mean, mc_samples=mc_samples, **c),
             adata,
             indices,
             batch_size,
@@ -822,12 +912,14 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         ``["elbo_validation"]`` hold the negative, the loss.
         """
         if not return_mean:  # log p(x|z) + log p(z) - log q(z|x) at one draw per cell
-            return self._collect(lambda x, b: self.module.log_weights(x, b, 1)[0][0], adata, indices, batch_size)
+            return self._collect(
+                lambda x, b, **c: self.module.log_weights(x, b, 1, **c)[0][0], adata, indices, batch_size
+            )
         self._check_if_trained(warn=False)
         svi = AlternatingSVI(self.module, make_optimizers=False)
         total, n = 0.0, 0
-        for x, b in self._minibatches(adata, indices, batch_size):
-            total -= svi.evaluate_loss(x, b) * x.shape[0]
+        for x, b, c in self._minibatch_args(adata, indices, batch_size):
+            total -= svi.evaluate_loss(x, b, **c) * x.shape[0]
             n += x.shape[0]
         return total / n
 
@@ -847,7 +939,10 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         ELBO it compares priors on the evidence itself.  Returns the mean over cells, or ``(n_cells,)`` values.
         """
         values = self._collect(
-            lambda x, b: self.module.marginal_ll(x, b, n_mc_samples, n_mc_samples_per_pass), adata, indices, batch_size
+            lambda x, b, **c: self.module.marginal_ll(x, b, n_mc_samples, n_mc_samples_per_pass, **c),
+            adata,
+            indices,
+            batch_size,
         )
         return float(values.mean()) if return_mean else values
 
@@ -860,7 +955,8 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
     ) -> dict[str, float | np.ndarray]:
         r"""``{"reconstruction_loss": -log p(x_n | z_n, l_n, s_n)}`` at one draw :math:`z_n \sim q(z \mid x_n)`,
         networks in eval mode, as scvi-tools' ``get_reconstruction_error``; the mean over cells, or per cell."""
-        values = self._collect(lambda x, b: -self.module.log_weights(x, b, 1)[1][0], adata, indices, batch_size)
+        values = self._collect(lambda x, b, **c: -self.module.log_weights(x, b, 1, **c)[1][0], adata, indices,
+                               batch_size)
         return {"reconstruction_loss": float(values.mean()) if return_mean else values}
 
     def posterior_predictive_sample(
@@ -888,8 +984,8 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
                 raise ValueError("none of the genes in gene_list are in adata.var_names; check the gene names")
         parts = []
         with torch.inference_mode():
-            for x, b in self._minibatches(adata, indices, batch_size):
-                rep = self.module.posterior_predictive(x, b, n_samples)[:, gene_mask]  # (B, G', S)
+            for x, b, c in self._minibatch_args(adata, indices, batch_size):
+                rep = self.module.posterior_predictive(x, b, n_samples, **c)[:, gene_mask]  # (B, G', S)
                 rep = rep[..., 0] if n_samples == 1 else rep
                 parts.append(sparse.COO.from_numpy(rep.cpu().numpy()))
         # concatenate as COO (GCXS concatenation is slow to compile in numba), convert once
@@ -918,7 +1014,8 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         args = self.adata_manager.registry["setup_args"]
         batches = self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
         validate_query(adata, layer=args.get("layer"), batch_key=args.get("batch_key"),
-                       labels_key=args.get("labels_key"), model_batches=batches)
+                       labels_key=args.get("labels_key"), model_batches=batches,
+                       **covariate_query_args(self.adata_manager.registry))
         _assign_adata_uuid(adata, overwrite=True)
         self._register_manager_for_instance(self.adata_manager.transfer_fields(adata, extend_categories=True))
         return adata
@@ -938,6 +1035,20 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         return prepare_query_anndata(
             cls, adata, reference_model, return_reference_var_names=return_reference_var_names, inplace=inplace
         )
+
+    @classmethod
+    def from_scvi_model(
+        cls, scvi_model, adata=None, prior: str = "vmm", n_clusters: int = 100, seed: int | None = None, **kwargs
+    ) -> VMMSCVI:
+        """A VMMSCVI with the encoder, decoder and dispersion of a trained ``scvi.model.SCVI`` (as scvi-tools'
+        ``SCANVI.from_scvi_model``), on ``adata`` (default: the SCVI model's AnnData) registered with the SCVI model's
+        setup arguments; the prior's pseudo-inputs are random cells.  Before training its posterior mean is SCVI's
+        ``get_latent_representation``; :meth:`train` then fits the prior and fine-tunes.  An SCVI whose architecture,
+        genes, batches or covariate categories differ is refused with an error naming the difference.  See
+        :mod:`pyro_vmm.from_scvi`."""
+        from .from_scvi import from_scvi_model
+
+        return from_scvi_model(cls, scvi_model, adata=adata, prior=prior, n_clusters=n_clusters, seed=seed, **kwargs)
 
     @classmethod
     def load_query_data(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -360,12 +361,74 @@ def validate_obs_key(adata: Any, arg: str, key: str | None) -> None:
         )
 
 
+def _key_list(arg: str, keys: Any) -> list[str]:
+    """A list of ``adata.obs`` column names (``None``: none); a single string is refused with the fix."""
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        raise InputError(f"{arg} must be a list of adata.obs columns, got the string {keys!r}. Fix: {arg}=[{keys!r}].")
+    keys = list(keys)
+    dups = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if dups:
+        raise InputError(f"{arg} names {_first(dups)} more than once. Fix: list each column once.")
+    return keys
+
+
+def _check_numeric_obs(adata: Any, arg: str, key: str, positive: bool = False) -> None:
+    """``adata.obs[key]`` is numeric and finite (and > 0 with ``positive``)."""
+    values = adata.obs[key]
+    if not (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)):
+        raise InputError(
+            f"adata.obs[{key!r}] ({arg}) is not numeric (dtype {values.dtype}). Fix: convert it, e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(float), or register it as a categorical covariate."
+        )
+    x = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise InputError(
+            f"adata.obs[{key!r}] ({arg}) has {int(bad.sum()):,} non-finite (NaN or inf) value(s) among "
+            f"{adata.n_obs:,} cells (first: {_first(list(adata.obs_names[bad][: N_SHOWN + 1]))}). Fix: fill them "
+            f"(e.g. with the column's mean) or drop those cells."
+        )
+    if positive and (x <= 0).any():
+        bad = x <= 0
+        raise InputError(
+            f"adata.obs[{key!r}] ({arg}) has {int(bad.sum()):,} size factor(s) <= 0 (first: "
+            f"{_first(list(adata.obs_names[bad][: N_SHOWN + 1]))}); a size factor is the cell's library size and "
+            "must be positive. Fix: drop those cells, or compute the size factors from cells with counts."
+        )
+
+
+def validate_covariates(
+    adata: Any,
+    *,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+) -> None:
+    """The covariate columns of ``setup_anndata``: each exists in ``adata.obs`` without missing values; continuous
+    covariates and size factors are numeric and finite; size factors are positive."""
+    cats = _key_list("categorical_covariate_keys", categorical_covariate_keys)
+    conts = _key_list("continuous_covariate_keys", continuous_covariate_keys)
+    for key in cats:
+        validate_obs_key(adata, "categorical_covariate_keys", key)
+    for key in conts:
+        validate_obs_key(adata, "continuous_covariate_keys", key)
+        _check_numeric_obs(adata, "continuous_covariate_keys", key)
+    if size_factor_key is not None:
+        validate_obs_key(adata, "size_factor_key", size_factor_key)
+        _check_numeric_obs(adata, "size_factor_key", size_factor_key, positive=True)
+
+
 def validate_anndata(
     adata: Any,
     *,
     layer: str | None = None,
     batch_key: str | None = None,
     labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
     integer: bool = True,
     allow_empty_cells: bool = False,
     allow_empty_genes: bool = True,
@@ -373,7 +436,8 @@ def validate_anndata(
     """Check an AnnData before a model is set up on it (works on backed AnnData: the matrix is read in chunks).
 
     Checks, in order: it is an AnnData with at least one cell and gene; ``layer`` exists; ``batch_key`` and
-    ``labels_key`` are ``adata.obs`` columns without missing values; the counts pass :func:`validate_counts`;
+    ``labels_key`` are ``adata.obs`` columns without missing values; the covariates pass
+    :func:`validate_covariates`; the counts pass :func:`validate_counts`;
     no cell has zero total count (unless ``allow_empty_cells``); genes without any count give an
     :class:`InputWarning` (an :class:`InputError` when ``allow_empty_genes=False``).
     """
@@ -412,6 +476,12 @@ def validate_anndata(
         )
     validate_obs_key(adata, "batch_key", batch_key)
     validate_obs_key(adata, "labels_key", labels_key)
+    validate_covariates(
+        adata,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys,
+    )
 
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     X = adata.layers[layer] if layer is not None else adata.X
@@ -537,6 +607,9 @@ def validate_query(
     model_batches: Sequence[Any],
     allow_new_batches: bool = False,
     where: str = "the query AnnData",
+    size_factor_key: str | None = None,
+    categorical_covariates: dict[str, Sequence[Any]] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
 ) -> None:
     """Check an AnnData that a trained model is asked to embed (a query, or any AnnData other than the model's own).
 
@@ -544,7 +617,9 @@ def validate_query(
     the query must be one of the model's (encoder and decoder take the batch as input and have no weights for a new
     one; ``allow_new_batches`` lifts this for :func:`pyro_vmm.query.load_query_data`, which adds weights for them),
     and the labels column the model was set up with must exist (its values may be new: labels are only carried
-    along, never used by the model).
+    along, never used by the model).  The covariate columns the model was set up with must exist and pass
+    :func:`validate_covariates`; ``categorical_covariates`` maps each categorical covariate to the model's categories,
+    and a query value outside them is refused (the networks have no weights for it).
     """
     known = [str(b) for b in model_batches]
     for key, arg in ((batch_key, "batch_key"), (labels_key, "labels_key")):
@@ -557,14 +632,40 @@ def validate_query(
             raise InputError(
                 f"{where} has no adata.obs[{key!r}] column, the {arg} the model was set up with. Fix: {fix}."
             )
+    cov_keys = [*(categorical_covariates or {}), *(continuous_covariate_keys or [])]
+    cov_keys += [size_factor_key] if size_factor_key is not None else []
+    for key in cov_keys:
+        if hasattr(adata, "obs") and key not in adata.obs.columns:
+            raise InputError(
+                f"{where} has no adata.obs[{key!r}] column, a covariate the model was set up with. Fix: add it "
+                "(the model's decoder reads it for every cell)."
+            )
     try:
-        validate_anndata(adata, layer=layer, batch_key=batch_key)
+        validate_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=list(categorical_covariates or {}),
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
     except InputError as err:
         place = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         raise InputError(
             f"{where}: {err} Note: the model was set up with layer={layer!r}, so it reads a query's raw counts from "
             f"{place}; put them there."
         ) from None
+    for key, categories in (categorical_covariates or {}).items():
+        known_cats = [str(c) for c in categories]
+        new = [str(v) for v in np.unique(np.asarray(adata.obs[key].astype(str))) if str(v) not in known_cats]
+        if new:
+            raise InputError(
+                f"{where} has value(s) of the categorical covariate {key!r} the model was not trained on: "
+                f"{_first(new)} in adata.obs[{key!r}] (the model's: {_first(known_cats, 20)}). The networks have no "
+                f"weights for a new category of a covariate (only new batches can be mapped). Fix: set those cells to "
+                f"one of the model's categories, e.g. adata.obs[{key!r}] = {known_cats[0]!r}, or train a model on all "
+                "cells together."
+            )
     if batch_key is not None and not allow_new_batches:
         batches = np.unique(np.asarray(adata.obs[batch_key].astype(str)))
         new = [str(b) for b in batches if str(b) not in known]

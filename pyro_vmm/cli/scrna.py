@@ -70,6 +70,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
     io.add_argument("--batch-key", default=None, help="obs column with the batch (omit for a single batch)")
     io.add_argument("--labels-key", default=None, help="obs column with known cell types, used for evaluation only")
+    io.add_argument(
+        "--categorical-covariate-keys", nargs="+", default=None, metavar="COLUMN",
+        help="obs columns of extra categorical covariates (e.g. donor), one-hot into the decoder, as scvi-tools'",
+    )
+    io.add_argument(
+        "--continuous-covariate-keys", nargs="+", default=None, metavar="COLUMN",
+        help="obs columns of continuous covariates (e.g. percent_mito), given to the decoder as they are",
+    )
+    io.add_argument(
+        "--size-factor-key", default=None, metavar="COLUMN",
+        help="obs column of positive size factors used as the library size instead of each cell's total count",
+    )
     io.add_argument("--n-top-genes", type=int, default=2000, help="seurat_v3 highly variable genes (0: all genes)")
     io.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     m = p.add_argument_group("model")
@@ -250,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
 
     validate_obs_key(adata, "--batch-key", args.batch_key)  # before any computation: present, no missing values
     validate_obs_key(adata, "--labels-key", args.labels_key)
+    validate_obs_key(adata, "--size-factor-key", args.size_factor_key)
+    for key in args.categorical_covariate_keys or []:
+        validate_obs_key(adata, "--categorical-covariate-keys", key)
+    for key in args.continuous_covariate_keys or []:
+        validate_obs_key(adata, "--continuous-covariate-keys", key)
     log = (lambda *a: None) if args.no_progress else (lambda *a: print("[pyro-vmm scrna]", *a, file=sys.stderr))
     log(f"read {adata.n_obs} cells x {adata.n_vars} genes from {args.data}")
 
@@ -268,7 +285,13 @@ def run(args: argparse.Namespace) -> int:
     from pyro_vmm import VMMSCVI
     from pyro_vmm.metrics import cluster_batch_mixing
 
-    VMMSCVI.setup_anndata(hvg, batch_key=args.batch_key)
+    VMMSCVI.setup_anndata(
+        hvg,
+        batch_key=args.batch_key,
+        size_factor_key=args.size_factor_key,
+        categorical_covariate_keys=args.categorical_covariate_keys,
+        continuous_covariate_keys=args.continuous_covariate_keys,
+    )
     model = VMMSCVI(
         hvg,
         prior=args.prior,
