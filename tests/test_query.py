@@ -30,8 +30,10 @@ def split(shared_data):
     ref = a[a.obs["sample"] != "c2"].copy()
     query = a[a.obs["sample"] == "c2"].copy()
     VMMSCVI.setup_anndata(ref, batch_key="sample", labels_key="cell_type")
-    model = VMMSCVI(ref, seed=0, **SMALL)
-    model.train(max_epochs=60, seed=0, **TRAIN)
+    # the batch in the encoder too (encode_covariates=True), so that both first layers have batch columns to map;
+    # the default architecture (decoder only) is mapped in test_covariates.py
+    model = VMMSCVI(ref, seed=0, encode_covariates=True, **SMALL)
+    model.train(max_epochs=60, seed=0, n_epochs_kl_warmup=None, **TRAIN)
     return model, ref, query
 
 
