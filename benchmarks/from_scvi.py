@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path("benchmarks") / "results"
-DATA = Path("/work/shared/data/scrna/kang_ifnb_2800.h5ad")
+DATA = Path("../shared/data/scrna/kang_ifnb_2800.h5ad")  # from the repository root
 
 
 def clusters_summary(assign: np.ndarray, labels: np.ndarray) -> dict:
