@@ -495,7 +495,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
 
     @staticmethod
     def _library(x: Tensor, size_factor: Tensor | None) -> Tensor:
-        """:math:`\ell_n`, ``(B, 1)``: the size factor when registered, else the observed total count."""
+        r""":math:`\ell_n`, ``(B, 1)``: the size factor when registered, else the observed total count."""
         return x.sum(-1, keepdim=True) if size_factor is None else size_factor.reshape(-1, 1).to(x.dtype)
 
     def _posterior(self, encoder_input: Tensor) -> dist.Independent:

@@ -565,7 +565,7 @@ class VMMSCVI(ExpressionMixin, BaseModelClass):
         continuous_covariate_keys: list[str] | None = None,
         **kwargs,
     ) -> None:
-        """Register raw counts (``adata.X`` or ``adata.layers[layer]``), the batch, (optionally) the labels, and the
+        r"""Register raw counts (``adata.X`` or ``adata.layers[layer]``), the batch, (optionally) the labels, and the
         covariates, with ``scvi.model.SCVI.setup_anndata``'s semantics: ``size_factor_key``, an ``adata.obs`` column
         of positive size factors used as the library size :math:`\ell_n` instead of the cell's total count;
         ``categorical_covariate_keys`` (one-hot) and ``continuous_covariate_keys`` (as they are), ``adata.obs``

@@ -54,7 +54,7 @@ PROGRESS_BAR_METRICS = ("elbo_train", "utilized_clusters_train")
 
 
 class VMMTrainingPlan(pl.LightningModule):
-    """Train a Pyro scVI module (``model``/``guide``/``prior``) with the alternating VI / EM steps.
+    r"""Train a Pyro scVI module (``model``/``guide``/``prior``) with the alternating VI / EM steps.
 
     Parameters
     ----------

@@ -352,7 +352,10 @@ def run(args: argparse.Namespace) -> int:
         from pyro_vmm.evaluation import clustering_scores
 
         labels = adata.obs[args.labels_key].astype(str).to_numpy()
-        metrics["clustering"] = clustering_scores(probs, labels).to_dict()
+        kept = np.unique(assign)  # score the final clusters: q(c|z) renormalised over the kept components
+        final_probs = np.zeros_like(probs)
+        final_probs[:, kept] = probs[:, kept] / probs[:, kept].sum(1, keepdims=True)
+        metrics["clustering"] = clustering_scores(final_probs, labels).to_dict()
         if not args.no_scib:
             from pyro_vmm.evaluation import ScibConfig, pca_embedding, scib_table
 
