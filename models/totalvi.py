@@ -311,7 +311,7 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
 
     def background_posterior(self, z: Tensor, batch_index: Tensor) -> dist.Independent:
         r""":math:`q_\phi(\log\beta_n \mid z_n, s_n) = \mathcal N(a, \operatorname{diag} b^2)`, event ``(T,)``."""
-        dec, s = self.decoder, batch_index.reshape(-1, 1)
+        dec, s = self.decoder, batch_index.reshape(-1, 1).long()
         h = torch.cat([dec.py_back_decoder(z, s), z], dim=-1)
         scale = dec.activation_function_bg(dec.py_back_mean_log_beta(h, s)) + 1e-8
         return dist.Normal(dec.py_back_mean_log_alpha(h, s), scale).to_event(1)
@@ -319,7 +319,7 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
     def decode(self, z: Tensor, batch_index: Tensor) -> dict[str, Tensor | None]:
         r"""Decoder outputs: ``scale_logits`` (pre-softmax :math:`\rho`), ``gate_logits`` (:math:`h^x`, ZINB only),
         ``foreground_scale`` :math:`\alpha` and ``mixing_logits`` (logit of :math:`\pi`), each ``(B, .)``."""
-        dec, s = self.decoder, batch_index.reshape(-1, 1)
+        dec, s = self.decoder, batch_index.reshape(-1, 1).long()
         px = torch.cat([dec.px_decoder(z, s), z], dim=-1)
         fore = torch.cat([dec.py_fore_decoder(z, s), z], dim=-1)
         mix = torch.cat([dec.sigmoid_decoder(z, s), z], dim=-1)

@@ -200,3 +200,33 @@ def test_smoke_training_on_cite_seq(cite_small, one_thread, prior):
     assert probs.shape == (400, k if prior == "vmm" else 1)
     x_rep, y_rep = module.posterior_predictive(x[:8], y[:8], batch[:8])
     assert x_rep.shape == (8, 300) and y_rep.shape == (8, 14)
+
+
+def test_training_plan_trains_it_from_scvi_minibatches(shared_data, one_thread):
+    """The same Lightning plan as VMMSCVI (alternating VI / EM step) on TOTALVI-registered minibatches."""
+    import lightning.pytorch as pl
+    import scvi
+    from scvi.dataloaders import DataSplitter
+
+    from pyro_vmm.data.cite import load_cite
+    from pyro_vmm.training_plan import VMMTrainingPlan
+
+    adata = load_cite(shared_data / "cite")
+    adata = adata[:, np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:100]].copy()
+    scvi.model.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression", batch_key="batch")
+    manager = scvi.model.TOTALVI(adata, n_latent=2, n_hidden=4, empirical_protein_background_prior=False).adata_manager
+    splitter = DataSplitter(manager, train_size=0.9, batch_size=128)
+    splitter.setup()
+    (x, y, batch), kwargs = VMMTOTALVIModule._get_fn_args_from_batch(next(iter(splitter.train_dataloader())))
+    assert x.shape == (128, 100) and y.shape == (128, 14) and batch.shape == (128, 1) and not kwargs
+    k = 5
+    pseudo = torch.cat([torch.as_tensor(adata.X[:k].toarray()),
+                        torch.as_tensor(adata.obsm["protein_expression"].to_numpy()[:k])], -1)
+    module = VMMTOTALVIModule(100, 14, 2, n_latent=4, n_hidden=16, prior="vmm", n_clusters=k, pseudo_inputs=pseudo)
+    plan = VMMTrainingPlan(module, lr=4e-3)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(plan, splitter.train_dataloader(), splitter.val_dataloader())
+    metrics = plan.last_epoch_metrics
+    assert np.isfinite(metrics["elbo_train"]) and np.isfinite(metrics["em_loss_train"])
+    assert np.isfinite(float(trainer.callback_metrics["elbo_validation"]))
