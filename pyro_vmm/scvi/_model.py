@@ -177,7 +177,7 @@ class VMMSCVI(ExpressionMixin, PyroVMMModel):
         setup arguments; the prior's pseudo-inputs are random cells.  Before training its posterior mean is SCVI's
         ``get_latent_representation``; :meth:`train` then fits the prior and fine-tunes.  An SCVI whose architecture,
         genes, batches or covariate categories differ is refused with an error naming the difference.  See
-        :mod:`pyro_vmm.from_scvi`."""
+        :mod:`pyro_vmm.scvi._from_scvi`."""
         from ._from_scvi import from_scvi_model
 
         return from_scvi_model(cls, scvi_model, adata=adata, prior=prior, n_clusters=n_clusters, seed=seed, **kwargs)
