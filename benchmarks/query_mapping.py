@@ -4,7 +4,7 @@ Reference = the control cells (one batch), query = the IFN-beta-stimulated cells
 Both models: 2000 seurat_v3 HVGs (batch-aware, from all cells), 1 x 128 hidden, latent 10, ZINB, batch one-hot into
 encoder and decoder, batch size 128, Adam lr 1e-3, no KL warm-up, ``--ref-epochs`` on the reference then
 ``--query-epochs`` on the query training only the new batch's weights (scvi-tools' ``load_query_data`` defaults;
-ours: see ``pyro_vmm.query``).  VMM: K = 100, prior LR ratio ``--prior-lr-ratio``, the prior frozen for the query.
+ours: see ``pyro_vmm.scvi._query``).  VMM: K = 100, prior LR ratio ``--prior-lr-ratio``, the prior frozen for the query.
 
 Scores for the query cells (labels are never used in training):
 - ``knn_acc``: label transfer by a 15-nearest-neighbour vote among the reference cells in the latent space,

@@ -167,7 +167,7 @@ def _step_setup(adata, bs: int, k: int, seed: int):
     """VMM-scVI with K components and the two step functions training runs, on the first ``bs`` cells."""
     from pyro_vmm import VMMSCVI
     from pyro_vmm.infer import sample_latent
-    from pyro_vmm.training_plan import VMMTrainingPlan
+    from pyro_vmm.scvi._trainingplan import VMMTrainingPlan
 
     x = torch.as_tensor(adata.X[:bs].toarray())
     b = torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:bs, None].astype(np.int64))

@@ -334,7 +334,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         when the encoder reads them (default zeros; stored in the buffer ``pseudo_cont_covs``).
     """
 
-    #: True for a query model (:mod:`pyro_vmm.query`): the prior stays as the reference left it, no EM step
+    #: True for a query model (:mod:`pyro_vmm.scvi._query`): the prior stays as the reference left it, no EM step
     frozen_prior: bool = False
 
     def __init__(
@@ -436,7 +436,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
     @staticmethod
     def _get_fn_args_from_batch(tensor_dict: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor], dict]:
         """``(x, batch_index), {"nonzero": (rows, cols), "cat_covs": ..., "cont_covs": ..., "size_factor": ...}``;
-        the non-zero positions of ``x`` come with minibatches of :class:`~pyro_vmm.scvi_model.CountsDataset` (key
+        the non-zero positions of ``x`` come with minibatches of :class:`~pyro_vmm.scvi._data.CountsDataset` (key
         ``"nonzero"``, shape ``(2, nnz)``), the covariates when registered; absent keys are left out."""
         args = (tensor_dict[REGISTRY_KEYS.X_KEY], tensor_dict[REGISTRY_KEYS.BATCH_KEY])
         kwargs = covariate_kwargs(tensor_dict)

@@ -14,9 +14,9 @@ from .priors import PRIORS, LatentPrior, build_prior
 from .utils import set_seed
 
 __version__ = "0.1.0"
-__all__ = ["PRIORS", "AlternatingSVI", "LatentPrior", "VMMSCVI", "build_prior", "sample_latent", "set_seed"]
+__all__ = ["PRIORS", "AlternatingSVI", "LatentPrior", "PyroVMMModel", "VMMSCVI", "build_prior", "sample_latent", "set_seed"]
 
-_LAZY = {"VMMSCVI": "pyro_vmm.scvi_model"}
+_LAZY = {"PyroVMMModel": "pyro_vmm.scvi", "VMMSCVI": "pyro_vmm.scvi"}
 
 
 def __getattr__(name: str) -> Any:

@@ -615,7 +615,7 @@ def validate_query(
 
     The counts, the batch column and empty cells are checked as in :func:`validate_anndata`; beyond that every batch of
     the query must be one of the model's (encoder and decoder take the batch as input and have no weights for a new
-    one; ``allow_new_batches`` lifts this for :func:`pyro_vmm.query.load_query_data`, which adds weights for them),
+    one; ``allow_new_batches`` lifts this for :func:`pyro_vmm.scvi._query.load_query_data`, which adds weights for them),
     and the labels column the model was set up with must exist (its values may be new: labels are only carried
     along, never used by the model).  The covariate columns the model was set up with must exist and pass
     :func:`validate_covariates`; ``categorical_covariates`` maps each categorical covariate to the model's categories,

@@ -14,8 +14,8 @@ import torch
 anndata = pytest.importorskip("anndata")
 pytest.importorskip("scvi")
 
-from pyro_vmm.backed import BackedMatrix, is_backed  # noqa: E402
-from pyro_vmm.scvi_model import VMMSCVI, MinibatchSampler  # noqa: E402
+from pyro_vmm.scvi._backed import BackedMatrix, is_backed  # noqa: E402
+from pyro_vmm.scvi import VMMSCVI, MinibatchSampler  # noqa: E402
 
 from _data import kang_subset  # noqa: E402
 
@@ -214,7 +214,7 @@ def test_differential_expression_and_markers_work_on_a_backed_anndata(small_adat
     groups' rows from the file, with the same numbers, and never load X."""
     from scvi.model._utils import scrna_raw_counts_properties
 
-    from pyro_vmm.expression import backed_raw_counts_properties
+    from pyro_vmm.scvi._expression import backed_raw_counts_properties
 
     path = tmp_path / "small.h5ad"
     small_adata.write_h5ad(path)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pyro_vmm import AlternatingSVI, set_seed
-from pyro_vmm.checkpoint import (
+from pyro_vmm.scvi._checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     checkpoint_path,

@@ -14,7 +14,7 @@ pytest.importorskip("scvi")
 
 from _data import kang_subset
 
-from pyro_vmm.scvi_model import VMMSCVI
+from pyro_vmm.scvi import VMMSCVI
 from pyro_vmm.validation import InputError
 
 SMALL = {"n_latent": 5, "n_hidden": 32, "n_clusters": 6}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vmm.scvi_model import MinibatchSampler
+from pyro_vmm.scvi._data import MinibatchSampler
 
 WORKER = Path(__file__).with_name("_ddp_train.py")
 

@@ -1,4 +1,4 @@
-"""Decoded expression, differential expression and cluster markers of ``VMMSCVI`` (``pyro_vmm.expression``).
+"""Decoded expression, differential expression and cluster markers of ``VMMSCVI`` (``pyro_vmm.scvi._expression``).
 
 Data: 300 random cells x the 200 highest-count genes of ../shared/data/scrna/kang_ifnb_2800.h5ad (2 conditions).
 """
@@ -14,7 +14,7 @@ pytest.importorskip("scvi")
 
 from _data import kang_subset
 
-from pyro_vmm.scvi_model import VMMSCVI
+from pyro_vmm.scvi import VMMSCVI
 
 SMALL = {"n_latent": 10, "n_hidden": 64, "n_clusters": 8}  # smaller networks learn too little for DE to be checked
 TRAIN = {"batch_size": 64, "enable_progress_bar": False, "early_stopping": False}

@@ -10,7 +10,7 @@ scvi = pytest.importorskip("scvi")
 
 from _data import kang_subset
 
-from pyro_vmm.scvi_model import VMMSCVI
+from pyro_vmm.scvi import VMMSCVI
 from pyro_vmm.validation import InputError
 
 ARCH = {"n_latent": 5, "n_hidden": 32}

@@ -1,4 +1,4 @@
-"""Reference mapping (``VMMSCVI.load_query_data``, ``pyro_vmm.query``) on a small real subset.
+"""Reference mapping (``VMMSCVI.load_query_data``, ``pyro_vmm.scvi._query``) on a small real subset.
 
 Data: 300 random cells x the 200 highest-count genes of ../shared/data/scrna/kang_ifnb_2800.h5ad.  "sample" splits
 the control cells at random into c1 / c2; the stimulated cells are s1.  The reference is trained on c1 + s1; the
@@ -15,7 +15,7 @@ pytest.importorskip("scvi")
 
 from _data import kang_subset
 
-from pyro_vmm.scvi_model import VMMSCVI
+from pyro_vmm.scvi import VMMSCVI
 from pyro_vmm.validation import InputError
 
 SMALL = {"n_latent": 10, "n_hidden": 64, "n_clusters": 8}
@@ -186,7 +186,7 @@ def test_new_columns_get_gradients_in_query_training(split):
     one-batch minibatch cancels the shift its new column adds to every cell, and the column's gradient is ~1e-7
     (float noise that Adam would turn into steps of size lr)."""
     from pyro_vmm.infer import AlternatingSVI
-    from pyro_vmm.query import _first_layer_weights
+    from pyro_vmm.scvi._query import _first_layer_weights
 
     model, _ref, query = split
     q = VMMSCVI.load_query_data(query.copy(), model, train_encoder=True)

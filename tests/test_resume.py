@@ -24,9 +24,9 @@ import torch
 scvi = pytest.importorskip("scvi")
 anndata = pytest.importorskip("anndata")
 
-from pyro_vmm.checkpoint import save_checkpoint  # noqa: E402
+from pyro_vmm.scvi._checkpoint import save_checkpoint  # noqa: E402
 from pyro_vmm.guard import NonFiniteError  # noqa: E402
-from pyro_vmm.scvi_model import VMMSCVI  # noqa: E402
+from pyro_vmm.scvi import VMMSCVI  # noqa: E402
 from pyro_vmm.validation import InputError  # noqa: E402
 
 from _data import kang_subset  # noqa: E402
@@ -63,7 +63,7 @@ CHILD = textwrap.dedent(
     import lightning.pytorch as pl
     sys.path.insert(0, {tests!r})
     from test_resume import TINY, TRAIN, _subset
-    from pyro_vmm.scvi_model import VMMSCVI
+    from pyro_vmm.scvi import VMMSCVI
 
     mode, ckpt_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
     adata = _subset({data!r})

@@ -23,7 +23,7 @@ from pyro_vmm.models.scvi import (  # noqa: E402
     counts_to_pseudo_inputs,
     inverse_softplus,
 )
-from pyro_vmm.scvi_model import VMMSCVI, InMemoryDataSplitter, MinibatchSampler  # noqa: E402
+from pyro_vmm.scvi import VMMSCVI, InMemoryDataSplitter, MinibatchSampler  # noqa: E402
 
 from _data import kang_subset  # noqa: E402
 
@@ -216,7 +216,7 @@ def test_split_equals_scvi_datasplitter(small_adata):
 
 
 def test_counts_dataset_dense_and_csr_give_the_same_minibatch(small_adata):
-    from pyro_vmm.scvi_model import CountsDataset
+    from pyro_vmm.scvi._data import CountsDataset
 
     batch = small_adata.obs["batch"].cat.codes.to_numpy().reshape(-1, 1)
     dense = CountsDataset(small_adata.X, batch)
@@ -234,7 +234,7 @@ def test_counts_dataset_dense_and_csr_give_the_same_minibatch(small_adata):
 def test_minibatch_nonzero_positions_skip_explicit_zeros_and_empty_rows():
     from scipy import sparse as sp
 
-    from pyro_vmm.scvi_model import CountsDataset
+    from pyro_vmm.scvi._data import CountsDataset
 
     x = np.array([[0, 2, 0, 1], [0, 0, 0, 0], [5, 0, 0, 3], [0, 0, 7, 0]], dtype=np.float32)
     stored = sp.csr_matrix(x)

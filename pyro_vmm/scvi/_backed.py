@@ -5,7 +5,7 @@ r"""Rows of an on-disk (backed) AnnData matrix, read without loading the matrix.
 as a small in-memory matrix: the requested rows are sorted, rows less than ``max_gap`` apart are read as one
 contiguous slice (one HDF5 read per run, the unwanted rows in between dropped), and the result comes back in the
 requested order.  Minibatches drawn in blocks of consecutive rows
-(:class:`~pyro_vmm.scvi_model.MinibatchSampler` with ``block_size > 1``) therefore cost a few reads each.
+(:class:`~pyro_vmm.scvi._data.MinibatchSampler` with ``block_size > 1``) therefore cost a few reads each.
 
 The object holds the file name and the dataset's path, not an open handle, when pickled (Lightning's spawned
 data-parallel processes, DataLoader workers), and a forked process opens its own handle (HDF5 handles must not

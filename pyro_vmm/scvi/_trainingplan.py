@@ -44,10 +44,10 @@ import pyro
 import torch
 from torch import Tensor
 
-from .guard import NonFiniteGuard, guarded_step
-from .infer import AlternatingSVI, sample_latent
+from ..guard import NonFiniteGuard, guarded_step
+from ..infer import AlternatingSVI, sample_latent
 
-__all__ = ["VMMTrainingPlan"]
+__all__ = ["VMMTrainingPlan", "ddp_strategy", "is_data_parallel"]
 
 #: per-epoch metrics also logged to the progress bar (the training loss and the utilized clusters)
 PROGRESS_BAR_METRICS = ("elbo_train", "utilized_clusters_train")
@@ -138,7 +138,7 @@ class VMMTrainingPlan(pl.LightningModule):
         self._resume_state: dict | None = None
         #: epoch-level values logged by on_train_epoch_end (a checkpoint written at that epoch's end stores them)
         self.last_epoch_metrics: dict[str, float] = {}
-        #: writes checkpoints at the end of training epochs (:class:`pyro_vmm.resume.EpochCheckpointer`)
+        #: writes checkpoints at the end of training epochs (:class:`pyro_vmm.scvi._resume.EpochCheckpointer`)
         self.checkpointer = None
         self.n_obs_training: int | None = None  # set by scvi's TrainRunner
         self.n_obs_validation: int | None = None
@@ -156,7 +156,7 @@ class VMMTrainingPlan(pl.LightningModule):
     @property
     def has_em_step(self) -> bool:
         """The prior has MAP parameters and is not frozen (``module.frozen_prior``: a query model, see
-        :mod:`pyro_vmm.query`)."""
+        :mod:`pyro_vmm.scvi._query`)."""
         return self.module.prior.has_em_step and not self.module.frozen_prior
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -197,7 +197,7 @@ class VMMTrainingPlan(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------- steps
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from .resume import training_extra
+        from ._resume import training_extra
 
         checkpoint["pyro_vmm"] = training_extra(self, self.checkpointer.extra if self.checkpointer else {})
 
@@ -205,7 +205,7 @@ class VMMTrainingPlan(pl.LightningModule):
         self._resume_state = dict(checkpoint.get("pyro_vmm") or {})
         history = self._resume_state.pop("history", None)
         if history:
-            from .resume import restore_history
+            from ._resume import restore_history
 
             restore_history(self.trainer.logger, history)
 
@@ -213,7 +213,7 @@ class VMMTrainingPlan(pl.LightningModule):
         # a resumed run continues the random streams saved at the end of the checkpointed epoch
         rng = (self._resume_state or {}).pop("rng", None)
         if rng is not None:
-            from .checkpoint import set_rng_state
+            from ._checkpoint import set_rng_state
 
             set_rng_state(rng)
 
@@ -361,3 +361,25 @@ def _fused(opt: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
         return torch.optim.Adam(groups, fused=True)
     except (RuntimeError, ValueError):
         return opt
+
+
+def is_data_parallel(trainer_kwargs: dict) -> bool:
+    """``True`` when ``trainer_kwargs`` ask for Lightning's DDP strategy."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer_kwargs.get("strategy")
+    return isinstance(strategy, DDPStrategy) or (isinstance(strategy, str) and strategy.startswith("ddp"))
+
+
+def ddp_strategy(strategy):
+    """Lightning's DDP strategy for the alternating step.
+
+    One training step runs two backward passes (VI, then EM) and each touches only part of the parameters (the EM
+    loss never reaches the decoder), so DDP must look for unused parameters; gradients are then averaged over
+    ranks in both passes and every rank applies the same Adam updates."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy):
+        return strategy
+    start_method = "spawn" if "spawn" in strategy else "popen"
+    return DDPStrategy(find_unused_parameters=True, start_method=start_method)

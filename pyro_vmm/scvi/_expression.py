@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from scipy import sparse as sp
 
-from .utils import set_seed
+from ..utils import set_seed
 
 __all__ = ["ExpressionMixin"]
 
@@ -55,7 +55,7 @@ def backed_raw_counts_properties(
     chunks of ``chunk`` cells, the matrix is never loaded whole (scvi-tools' version fails on a backed matrix)."""
     from scvi import REGISTRY_KEYS
 
-    from .backed import BackedMatrix
+    from ._backed import BackedMatrix
 
     matrix = BackedMatrix(adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY))
     out: dict[str, np.ndarray] = {}
@@ -260,7 +260,7 @@ class ExpressionMixin:
         from scvi.model._utils import scrna_raw_counts_properties
         from scvi.model.base._de_core import _de_core
 
-        from .validation import InputError
+        from ..validation import InputError
 
         adata = self._validate_anndata(adata)
         if groupby is not None and groupby not in adata.obs:
@@ -272,7 +272,7 @@ class ExpressionMixin:
             )
         if groupby is None and idx1 is None:
             raise ValueError("give groupby (an adata.obs column) or idx1 (the cells of the first group)")
-        from .backed import is_backed
+        from ._backed import is_backed
 
         manager = self.get_anndata_manager(adata, required=True)
         backed = is_backed(manager.get_from_registry(REGISTRY_KEYS.X_KEY))

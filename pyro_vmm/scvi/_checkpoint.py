@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .utils import atomic_path
-from .validation import InputError
+from ..utils import atomic_path
+from ..validation import InputError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -72,7 +72,7 @@ _SAFE_DICTS = (dict, collections.OrderedDict, collections.Counter)
 def _versions() -> dict[str, str]:
     import pyro
 
-    from . import __version__
+    from .. import __version__
 
     # str(): torch.__version__ is a TorchVersion, which a weights_only load refuses
     return {
@@ -140,11 +140,11 @@ def _describe_foreign(path: Path) -> str:
     if head[:1] == b"\x80":
         return (
             f"{str(path)!r} is not a pyro-vmm checkpoint: it is a plain pickle or a legacy torch.save file. "
-            "Fix: pass a file written by pyro_vmm.checkpoint.save_checkpoint."
+            "Fix: pass a file written by pyro_vmm.scvi._checkpoint.save_checkpoint."
         )
     return (
         f"{str(path)!r} is not a pyro-vmm checkpoint (it starts with {head!r}, not a torch zip archive). "
-        "Fix: pass a file written by pyro_vmm.checkpoint.save_checkpoint."
+        "Fix: pass a file written by pyro_vmm.scvi._checkpoint.save_checkpoint."
     )
 
 
@@ -162,12 +162,12 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str, map_location: Any = N
         hint = f" Files in that folder: {', '.join(near)}." if near else ""
         raise InputError(
             f"checkpoint not found: {str(path)!r}.{hint} Fix: check the path; "
-            "pyro_vmm.checkpoint.latest_checkpoint(folder) finds the newest one."
+            "pyro_vmm.scvi._checkpoint.latest_checkpoint(folder) finds the newest one."
         )
     if path.is_dir():
         raise InputError(
             f"{str(path)!r} is a folder, not a checkpoint file. "
-            "Fix: pass a file, or use pyro_vmm.checkpoint.latest_checkpoint(folder)."
+            "Fix: pass a file, or use pyro_vmm.scvi._checkpoint.latest_checkpoint(folder)."
         )
     if path.stat().st_size == 0:
         raise InputError(f"checkpoint {str(path)!r} is empty (0 bytes). Fix: use an earlier checkpoint.")
@@ -194,7 +194,7 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str, map_location: Any = N
             raise InputError(
                 f"{str(path)!r} is not a pyro-vmm checkpoint: it holds Python objects other than tensors and plain "
                 "containers, which pyro-vmm never writes and which are not loaded for safety. Fix: pass a file "
-                "written by pyro_vmm.checkpoint.save_checkpoint (only if you trust the file: "
+                "written by pyro_vmm.scvi._checkpoint.save_checkpoint (only if you trust the file: "
                 "torch.load(path, weights_only=False))."
             ) from err
         raise InputError(
@@ -205,7 +205,7 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str, map_location: Any = N
         what = f"a dict with keys {_short_keys(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
         raise InputError(
             f"{str(path)!r} is not a pyro-vmm checkpoint: it is a torch file holding {what}, without "
-            f"format={CHECKPOINT_FORMAT!r}. Fix: pass a file written by pyro_vmm.checkpoint.save_checkpoint."
+            f"format={CHECKPOINT_FORMAT!r}. Fix: pass a file written by pyro_vmm.scvi._checkpoint.save_checkpoint."
         )
     version = record.get("version")
     if not isinstance(version, int) or version < 1 or "payload" not in record:
@@ -313,7 +313,7 @@ def set_rng_state(state: dict) -> None:
     missing = [k for k in ("python", "numpy", "torch") if not isinstance(state, dict) or k not in state]
     if missing:
         raise InputError(
-            f"not an RNG state: missing {missing}. Fix: pass what pyro_vmm.checkpoint.rng_state() returned."
+            f"not an RNG state: missing {missing}. Fix: pass what pyro_vmm.scvi._checkpoint.rng_state() returned."
         )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -28,10 +28,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["freeze_for_query", "load_query_data", "prepare_query_anndata"]
+__all__ = ["covariate_query_args", "freeze_for_query", "load_query_data", "prepare_query_anndata"]
 
 #: logit of a new batch in the pseudo-inputs' softmax batch vector (its weight underflows to exactly 0)
 NEW_BATCH_LOGIT = -1e4
+
+
+def covariate_query_args(registry: dict) -> dict:
+    """The covariate arguments of :func:`pyro_vmm.validation.validate_query` for a model's registry: the size-factor
+    and continuous keys, and each categorical covariate's categories."""
+    from scvi import REGISTRY_KEYS
+
+    args = registry["setup_args"]
+    cat_state = registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
+    return {
+        "size_factor_key": args.get("size_factor_key"),
+        "categorical_covariates": {k: list(v) for k, v in cat_state.get("mappings", {}).items()},
+        "continuous_covariate_keys": list(args.get("continuous_covariate_keys") or []),
+    }
 
 
 def _widen(old: torch.Tensor, new: torch.Tensor, fill: float = 0.0, at: int | None = None) -> torch.Tensor:
@@ -87,7 +101,7 @@ class _Reference:
 def _reference(cls, reference_model, trained: bool = True) -> _Reference:
     """:class:`_Reference` of a ``cls`` model or of the folder one was saved to (``model.save``); it must have been
     trained when ``trained``."""
-    from .validation import InputError
+    from ..validation import InputError
 
     if isinstance(reference_model, (str, os.PathLike)):
         saved = cls._read_saved(reference_model)
@@ -122,7 +136,7 @@ def prepare_query_anndata(
     import anndata
     from scipy import sparse as sp
 
-    from .validation import InputError, InputWarning
+    from ..validation import InputError, InputWarning
 
     genes = _reference(cls, reference_model, trained=False).var_names
     if return_reference_var_names:
@@ -182,8 +196,7 @@ def load_query_data(
     """
     from scvi import REGISTRY_KEYS
 
-    from .scvi_model import covariate_query_args
-    from .validation import (
+    from ..validation import (
         InputError,
         InputWarning,
         validate_genes_match,

@@ -1,7 +1,7 @@
-r"""Checkpoint and exact resume of :meth:`pyro_vmm.scvi_model.VMMSCVI.train` (``checkpoint_dir=...``).
+r"""Checkpoint and exact resume of :meth:`pyro_vmm.scvi.VMMSCVI.train` (``checkpoint_dir=...``).
 
 Every ``checkpoint_every`` epochs (and after the last one), at the end of the epoch (after validation and early
-stopping have run), Lightning's full training state is written with :func:`pyro_vmm.checkpoint.save_checkpoint`
+stopping have run), Lightning's full training state is written with :func:`pyro_vmm.scvi._checkpoint.save_checkpoint`
 (atomic: a temporary file, fsync, ``os.replace``) to ``checkpoint_dir/checkpoint-<epochs done>.pt``; the two newest
 are kept.  The file holds what Lightning saves (module ``state_dict``, both Adam states, epoch and global step,
 loop progress, early-stopping state) and, under ``"pyro_vmm"``, what it does not:
@@ -11,7 +11,7 @@ loop progress, early-stopping state) and, under ``"pyro_vmm"``, what it does not
 * a fingerprint of the data (gene names, cells, batches) and of the run (seed, split sizes, batch size), checked
   before resuming, so a checkpoint of other data is refused with a clear error.
 
-With the shuffling a pure function of ``(seed, epoch)`` (:class:`~pyro_vmm.scvi_model.MinibatchSampler`), a run
+With the shuffling a pure function of ``(seed, epoch)`` (:class:`~pyro_vmm.scvi._data.MinibatchSampler`), a run
 killed at any moment (even by SIGKILL, mid-epoch) and restarted with the same arguments redoes the interrupted epoch
 from its start and ends with bit-identical parameters on CPU.
 """
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
-from .validation import InputError
+from ._checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
+from ..validation import InputError
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -46,7 +46,7 @@ CHECKPOINT_KIND = "vmm-scvi-training"
 
 
 class AtomicCheckpointIO(CheckpointIO):
-    """Lightning checkpoint IO through :func:`~pyro_vmm.checkpoint.save_checkpoint` / ``load_checkpoint``.
+    """Lightning checkpoint IO through :func:`~pyro_vmm.scvi._checkpoint.save_checkpoint` / ``load_checkpoint``.
 
     Writes are atomic and self-describing; reads are ``weights_only`` and refuse foreign or corrupted files with an
     :class:`~pyro_vmm.validation.InputError`."""
@@ -251,3 +251,14 @@ def check_resume_payload(path: Path, payload: dict, fingerprint: dict, module_st
             "n_clusters, n_latent, n_hidden, n_layers, gene_likelihood) as the run that wrote it, or pass another "
             "checkpoint_dir."
         )
+
+
+def load_training_checkpoint(path: Path, kind: str) -> dict:
+    """Read a training checkpoint, adding to a read error what :meth:`PyroVMMModel.train` can do about it."""
+    try:
+        return load_checkpoint(path, kind=kind)
+    except InputError as err:
+        raise InputError(
+            f"cannot resume from the newest checkpoint in {str(path.parent)!r}: {err} To resume from the previous "
+            f"checkpoint in that folder, delete {path.name}; to start over, pass another (empty) checkpoint_dir."
+        ) from err

@@ -5,7 +5,7 @@ onehot(k_j)...)`` followed by linear mean and log-variance heads (:math:`\sigma^
 :math:`p(x \mid z, \cdot)` is ``DecoderSCVI`` with :math:`\theta_g = e^{\mathrm{px\_r}_g}`.  So a trained SCVI with
 the same architecture and registry gives its encoder (``z_encoder.encoder``, ``mean_encoder``, ``var_encoder``),
 decoder (``decoder.px_decoder``, ``px_scale_decoder``, ``px_dropout_decoder``) and ``px_r`` to a new
-:class:`~pyro_vmm.scvi_model.VMMSCVI` unchanged (BatchNorm running statistics included): before any training the
+:class:`~pyro_vmm.scvi.VMMSCVI` unchanged (BatchNorm running statistics included): before any training the
 VMM's posterior mean equals SCVI's ``get_latent_representation``.  The prior is new (pseudo-inputs: random cells);
 ``train()`` then fits it and fine-tunes the networks.
 
@@ -45,7 +45,7 @@ def scvi_architecture(scvi_model: Any) -> dict:
     counterpart here."""
     from scvi.model import SCVI
 
-    from .validation import InputError
+    from ..validation import InputError
 
     if not isinstance(scvi_model, SCVI):
         raise InputError(
@@ -108,7 +108,7 @@ def _check_same_registry(scvi_model: Any, model: Any) -> None:
     import numpy as np
     from scvi import REGISTRY_KEYS
 
-    from .validation import InputError, validate_genes_match
+    from ..validation import InputError, validate_genes_match
 
     validate_genes_match(scvi_model.adata.var_names, model.adata.var_names, where="the AnnData given to from_scvi_model")
     theirs, ours = scvi_model.adata_manager.registry, model.adata_manager.registry
@@ -142,7 +142,7 @@ def from_scvi_model(
     """A ``cls`` (VMMSCVI) on ``adata`` (default: the SCVI model's) with the SCVI model's networks; see the module
     docstring.  ``kwargs`` go to ``cls(...)`` (``inference``, ``pseudo_input_shift``; the architecture arguments
     come from the SCVI model and are refused here)."""
-    from .validation import InputError
+    from ..validation import InputError
 
     arch = scvi_architecture(scvi_model)
     clash = {k: kwargs[k] for k in sorted(set(kwargs) & set(arch))}
@@ -157,7 +157,7 @@ def from_scvi_model(
         kwargs.pop(k)
     adata = scvi_model.adata if adata is None else adata
     if adata is not scvi_model.adata:
-        from .validation import validate_genes_match
+        from ..validation import validate_genes_match
 
         validate_genes_match(scvi_model.adata.var_names, adata.var_names, where="the AnnData given to from_scvi_model")
     args = scvi_model.adata_manager.registry["setup_args"]
