@@ -209,7 +209,7 @@ def test_training_plan_trains_it_from_scvi_minibatches(shared_data, one_thread):
     from scvi.dataloaders import DataSplitter
 
     from pyro_vmm.data.cite import load_cite
-    from pyro_vmm.training_plan import VMMTrainingPlan
+    from pyro_vmm.scvi import VMMTrainingPlan
 
     adata = load_cite(shared_data / "cite")
     adata = adata[:, np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:100]].copy()
