@@ -119,7 +119,7 @@ def run_ours(adata, train_idx: np.ndarray, val_idx: np.ndarray, epochs: int, see
     for _ in range(epochs):
         for idx in train[torch.randperm(len(train))].split(BATCH_SIZE):
             opt.zero_grad(set_to_none=True)
-            loss = svi.vi_loss(x[idx], y[idx], b[idx])
+            loss = svi.vi_loss(x[idx], b[idx], y=y[idx])
             loss.backward()
             opt.step()
     seconds = time.perf_counter() - t0
@@ -128,8 +128,8 @@ def run_ours(adata, train_idx: np.ndarray, val_idx: np.ndarray, epochs: int, see
     sums = dict.fromkeys(TERMS, 0.0)
     with torch.no_grad(), eval_mode(module):
         for _ in range(repeats):
-            guide = poutine.trace(module.guide).get_trace(xv, yv, bv)
-            model = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(xv, yv, bv)
+            guide = poutine.trace(module.guide).get_trace(xv, bv, y=yv)
+            model = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(xv, bv, y=yv)
             sums["reconst_rna"] -= float(model.nodes["x"]["fn"].log_prob(xv).sum())
             sums["reconst_protein"] -= float(model.nodes["y"]["fn"].log_prob(yv).sum())
             for site, key in (("z", "kl_z"), ("log_beta", "kl_background")):

@@ -251,16 +251,15 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
 
     # ------------------------------------------------------------------------------------------- scvi-tools glue
     @staticmethod
-    def _get_fn_args_from_batch(tensor_dict: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor, Tensor], dict]:
-        """``(x, y, batch_index), {"nonzero": (rows, cols)}`` (the non-zero positions of ``x`` when the loader
-        gives them)."""
-        args = (
-            tensor_dict[REGISTRY_KEYS.X_KEY],
-            tensor_dict[REGISTRY_KEYS.PROTEIN_EXP_KEY],
-            tensor_dict[REGISTRY_KEYS.BATCH_KEY],
-        )
+    def _get_fn_args_from_batch(tensor_dict: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor], dict]:
+        """``(x, batch_index), {"y": proteins, "nonzero": (rows, cols)}`` (the non-zero positions of ``x`` when the
+        loader gives them): the call convention ``f(x, batch_index, **fields)`` of :mod:`pyro_vmm.scvi`."""
+        args = (tensor_dict[REGISTRY_KEYS.X_KEY], tensor_dict[REGISTRY_KEYS.BATCH_KEY])
+        kwargs = {"y": tensor_dict[REGISTRY_KEYS.PROTEIN_EXP_KEY]}
         nonzero = tensor_dict.get(NONZERO_KEY)
-        return args, ({} if nonzero is None else {"nonzero": (nonzero[0], nonzero[1])})
+        if nonzero is not None:
+            kwargs["nonzero"] = (nonzero[0], nonzero[1])
+        return args, kwargs
 
     @property
     def device(self) -> torch.device:
@@ -283,7 +282,7 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
     def _onehot(self, batch_index: Tensor) -> Tensor:
         return F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(self.px_r.dtype)
 
-    def encode(self, x: Tensor, y: Tensor, batch_index: Tensor) -> dist.Independent:
+    def encode(self, x: Tensor, batch_index: Tensor, y: Tensor) -> dist.Independent:
         r""":math:`q_\phi(z \mid x, y, s)`, batch shape ``(B,)``, event ``(D,)`` (current train/eval mode)."""
         return self._posterior(x, y, self._onehot(batch_index))
 
@@ -346,10 +345,11 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
         return px, py
 
     # ------------------------------------------------------------------------------------------- Pyro programs
+    # every method takes ``(x, batch_index, *, y)`` -- the call ``f(x, batch_index, **fields)`` of pyro_vmm.scvi
     def model(
-        self, x: Tensor, y: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, batch_index: Tensor, *, y: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
     ) -> None:
-        """``x`` ``(B, G)`` RNA counts, ``y`` ``(B, T)`` protein counts, ``batch_index`` ``(B, 1)`` codes;
+        """``x`` ``(B, G)`` RNA counts, ``batch_index`` ``(B, 1)`` codes, ``y`` ``(B, T)`` protein counts;
         ``nonzero``: the ``(rows, cols)`` of ``x``'s non-zero counts, when known."""
         b = x.shape[0]
         library = x.sum(-1, keepdim=True)
@@ -361,33 +361,151 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
             pyro.sample("y", py, obs=y)
 
     def guide(
-        self, x: Tensor, y: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, batch_index: Tensor, *, y: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
     ) -> None:
         b = x.shape[0]
         with pyro.plate("data", b), poutine.scale(scale=1.0 / b):
-            z = pyro.sample("z", self.encode(x, y, batch_index))
+            z = pyro.sample("z", self.encode(x, batch_index, y))
             pyro.sample("log_beta", self.background_posterior(z, batch_index))
 
     # ------------------------------------------------------------------------------------------- inference helpers
     @torch.no_grad()
     def latent_mean(
-        self, x: Tensor, y: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, batch_index: Tensor, *, y: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """Posterior mean E_q[z | x, y, s] (networks in eval mode)."""
         with eval_mode(self):
-            return self.encode(x, y, batch_index).mean
+            return self.encode(x, batch_index, y).mean
 
     @torch.no_grad()
-    def cluster_probs(self, x: Tensor, y: Tensor, batch_index: Tensor) -> Tensor:
-        r""":math:`q(c \mid z)` at the posterior mean :math:`z`, ``(B, K)`` (networks in eval mode)."""
-        return self.prior.cluster_probs(self.latent_mean(x, y, batch_index), self.pseudo_posterior)
-
-    @torch.no_grad()
-    def posterior_predictive(self, x: Tensor, y: Tensor, batch_index: Tensor) -> tuple[Tensor, Tensor]:
-        r"""One replicate :math:`(\tilde x, \tilde y) \sim p(x, y \mid z, \beta, \ell, s)`, :math:`(z, \log\beta)
-        \sim q`, shapes ``(B, G)`` and ``(B, T)`` (networks in eval mode)."""
+    def latent_moments(self, x: Tensor, batch_index: Tensor, *, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of :math:`q(z \\mid x, y, s)`, each ``(B, D)`` (networks in eval mode)."""
         with eval_mode(self):
-            z = self.encode(x, y, batch_index).sample()
-            log_beta = self.background_posterior(z, batch_index).sample()
-            px, py = self.likelihoods(z, log_beta, x.sum(-1, keepdim=True), batch_index)
-            return px.sample(), py.sample()
+            q = self.encode(x, batch_index, y).base_dist
+            return q.loc, q.scale.square()
+
+    @torch.no_grad()
+    def latent_sample(self, x: Tensor, batch_index: Tensor, *, y: Tensor) -> Tensor:
+        """One draw :math:`z \\sim q(z \\mid x, y, s)` per cell, ``(B, D)`` (networks in eval mode)."""
+        with eval_mode(self):
+            return self.encode(x, batch_index, y).sample()
+
+    @torch.no_grad()
+    def cluster_probs(
+        self, x: Tensor, batch_index: Tensor, *, y: Tensor, give_mean: bool = True, mc_samples: int = 100
+    ) -> Tensor:
+        r""":math:`q(c \mid z)`, ``(B, K)`` (networks in eval mode): at the posterior mean :math:`z` (``give_mean``),
+        or averaged over ``mc_samples`` draws :math:`z \sim q(z \mid x, y, s)`."""
+        with eval_mode(self):
+            q = self.encode(x, batch_index, y)
+            if give_mean:
+                return self.prior.cluster_probs(q.mean, self.pseudo_posterior)
+            if int(mc_samples) < 1:
+                raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+            z = q.sample((int(mc_samples),))  # (S, B, D)
+            probs = self.prior.cluster_probs(z.reshape(-1, z.shape[-1]), self.pseudo_posterior)
+            return probs.reshape(*z.shape[:2], -1).mean(0)
+
+    def _draws(
+        self, x: Tensor, batch_index: Tensor, y: Tensor, n_samples: int
+    ) -> tuple[dist.Independent, Tensor, Tensor, Tensor]:
+        r"""``q(z)``, ``n_samples`` draws :math:`z_s \sim q` flattened draw-major to ``(S * B, D)`` (row ``s * B + n``
+        is cell ``n``'s draw ``s``), and the batch codes and library sizes repeated to match."""
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        q = self.encode(x, batch_index, y)
+        z = q.rsample((int(n_samples),))
+        batch = batch_index.reshape(-1, 1).repeat(int(n_samples), 1)
+        library = x.sum(-1, keepdim=True).repeat(int(n_samples), 1)
+        return q, z.reshape(-1, z.shape[-1]), batch, library
+
+    @torch.no_grad()
+    def log_weights(self, x: Tensor, batch_index: Tensor, n_samples: int, *, y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Importance log-weights :math:`\log w_s = \log p(x, y \mid z_s, \beta_s, s) + \log p(z_s) +
+        \log p(\log\beta_s \mid s) - \log q(z_s \mid x, y, s) - \log q(\log\beta_s \mid z_s, s)` and the
+        log-likelihood terms :math:`\log p(x, y \mid z_s, \beta_s, s)`, both ``(n_samples, B)``, for
+        :math:`(z_s, \log\beta_s) \sim q` (networks in eval mode)."""
+        b = x.shape[0]
+        with eval_mode(self):
+            q, z, batch, library = self._draws(x, batch_index, y, n_samples)
+            q_beta = self.background_posterior(z, batch)
+            log_beta = q_beta.sample()
+            px, py = self.likelihoods(z, log_beta, library, batch)
+            log_lik = px.log_prob(x.repeat(n_samples, 1)) + py.log_prob(y.repeat(n_samples, 1))
+            log_prior = self.prior.latent_dist(self.pseudo_posterior).log_prob(z)
+            log_prior = log_prior + self.background_prior(batch).log_prob(log_beta)
+            log_q = q.log_prob(z.reshape(n_samples, b, -1)).reshape(-1) + q_beta.log_prob(log_beta)
+            return (log_lik + log_prior - log_q).reshape(n_samples, b), log_lik.reshape(n_samples, b)
+
+    @torch.no_grad()
+    def marginal_ll(
+        self, x: Tensor, batch_index: Tensor, n_samples: int = 1000, n_samples_per_pass: int = 100, *, y: Tensor
+    ) -> Tensor:
+        r"""Importance-sampled :math:`\log p(x, y \mid s) \approx \operatorname{LSE}_s \log w_s - \log S` per cell,
+        ``(B,)``, ``n_samples_per_pass`` draws at a time (see :meth:`log_weights`)."""
+        if n_samples < 1 or n_samples_per_pass < 1:
+            raise ValueError(f"need n_samples, n_samples_per_pass >= 1, got {n_samples}, {n_samples_per_pass}")
+        parts = [
+            self.log_weights(x, batch_index, min(n_samples_per_pass, n_samples - start), y=y)[0]
+            for start in range(0, n_samples, n_samples_per_pass)
+        ]
+        return torch.logsumexp(torch.cat(parts), 0) - float(np.log(n_samples))
+
+    @torch.no_grad()
+    def posterior_predictive(
+        self, x: Tensor, batch_index: Tensor, n_samples: int = 1, *, y: Tensor, proteins: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        r"""Replicated counts :math:`(\tilde x, \tilde y) \sim p(x, y \mid z, \beta, \ell, s)`, :math:`(z, \log\beta)
+        \sim q`: RNA ``(B, G, n_samples)`` (the contract of :mod:`pyro_vmm.scvi`), and with ``proteins`` also the
+        protein counts ``(B, T, n_samples)``  (networks in eval mode)."""
+        b = x.shape[0]
+        with eval_mode(self):
+            _, z, batch, library = self._draws(x, batch_index, y, n_samples)
+            log_beta = self.background_posterior(z, batch).sample()
+            px, py = self.likelihoods(z, log_beta, library, batch)
+            x_rep = px.sample().reshape(n_samples, b, -1).permute(1, 2, 0)
+            if not proteins:
+                return x_rep
+            return x_rep, py.sample().reshape(n_samples, b, -1).permute(1, 2, 0)
+
+    @torch.no_grad()
+    def normalized_expression(
+        self,
+        x: Tensor,
+        batch_index: Tensor,
+        n_samples: int = 1,
+        batch_codes: tuple[int | None, ...] = (None,),
+        *,
+        y: Tensor,
+        include_protein_background: bool = False,
+        sample_protein_mixing: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        r"""Decoded RNA frequencies :math:`\rho` and protein expression, each ``(n_samples, B, .)``, for
+        :math:`z \sim q(z \mid x, y, s)`, :math:`\log\beta \sim q(\log\beta \mid z, s')`, averaged over the batches
+        :math:`s'` in ``batch_codes`` (``None``: the cell's own), as scvi-tools' ``TOTALVI``:
+
+        .. math::
+
+            \text{protein}_{nt} = (1 - \pi_{nt})\,\alpha_{nt}\beta_{nt}
+                \;[\, + \pi_{nt}\beta_{nt} \text{ with } \texttt{include_protein_background} \,],
+
+        the foreground mean without the background; ``sample_protein_mixing`` replaces :math:`\pi_{nt}` by a draw
+        of :math:`\mathrm{Bernoulli}(\pi_{nt})`.  Networks in eval mode."""
+        b = x.shape[0]
+        with eval_mode(self):
+            _, z, own, _ = self._draws(x, batch_index, y, n_samples)
+            rho, protein = 0.0, 0.0
+            for code in batch_codes:
+                batch = own if code is None else torch.full_like(own, int(code))
+                out = self.decode(z, batch)
+                beta = torch.exp(self.background_posterior(z, batch).sample())
+                pi = torch.sigmoid(out["mixing_logits"])
+                if sample_protein_mixing:
+                    pi = torch.bernoulli(pi)
+                value = (1.0 - pi) * out["foreground_scale"] * beta
+                if include_protein_background:
+                    value = value + pi * beta
+                rho = rho + torch.softmax(out["scale_logits"], -1)
+                protein = protein + value
+        k = len(batch_codes)
+        return (rho / k).reshape(n_samples, b, -1), (protein / k).reshape(n_samples, b, -1)

@@ -79,7 +79,7 @@ def test_model_log_joint_at_fixed_latents_is_the_hand_computed_sum(gene_likeliho
     log_beta = torch.randn(b, t, dtype=torch.float64) + 1.0
     with eval_mode(module), torch.no_grad():
         conditioned = poutine.condition(module.model, data={"z": z, "log_beta": log_beta})
-        trace = poutine.trace(conditioned).get_trace(x, y, batch)
+        trace = poutine.trace(conditioned).get_trace(x, batch, y=y)
         joint = trace.log_prob_sum()
         out = module.decode(z, batch)
 
@@ -109,7 +109,7 @@ def test_model_log_joint_at_fixed_latents_is_the_hand_computed_sum(gene_likeliho
 
 def test_guide_sites_and_background_posterior_read_z():
     module, x, y, batch = _toy()
-    trace = poutine.trace(module.guide).get_trace(x, y, batch)
+    trace = poutine.trace(module.guide).get_trace(x, batch, y=y)
     assert [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"] and s["fn"] is not None and n != "data"] == ["z", "log_beta"]
     z = trace.nodes["z"]["value"]
     with eval_mode(module):
@@ -122,7 +122,7 @@ def test_guide_sites_and_background_posterior_read_z():
 def test_every_prior_gives_a_finite_elbo_and_em_loss(prior):
     module, x, y, batch = _toy(prior)
     svi = AlternatingSVI(module, lr=1e-2)
-    result = svi.step(x, y, batch)
+    result = svi.step(x, batch, y=y)
     assert np.isfinite(result.elbo_loss)
     assert (result.em_loss is not None) == (prior in ("gmm", "vmm"))
     if prior in ("vmm", "vampprior"):  # (K, G + T + soft batch)
@@ -185,21 +185,21 @@ def test_smoke_training_on_cite_seq(cite_small, one_thread, prior):
     )
     svi = AlternatingSVI(module, lr=4e-3)
     torch.manual_seed(1)
-    before = np.mean([svi.evaluate_loss(x, y, batch) for _ in range(3)])
+    before = np.mean([svi.evaluate_loss(x, batch, y=y) for _ in range(3)])
     for _ in range(200):
         idx = torch.randint(0, x.shape[0], (128,))
-        result = svi.step(x[idx], y[idx], batch[idx])
+        result = svi.step(x[idx], batch[idx], y=y[idx])
         assert np.isfinite(result.elbo_loss)
         if prior == "vmm":
             assert np.isfinite(result.em_loss)
-    after = np.mean([svi.evaluate_loss(x, y, batch) for _ in range(3)])
+    after = np.mean([svi.evaluate_loss(x, batch, y=y) for _ in range(3)])
     assert np.isfinite(after) and after < before - 0.05 * abs(before)
-    z = module.latent_mean(x, y, batch)
+    z = module.latent_mean(x, batch, y=y)
     assert z.shape == (400, 5) and torch.isfinite(z).all()
-    probs = module.cluster_probs(x, y, batch)
+    probs = module.cluster_probs(x, batch, y=y)
     assert probs.shape == (400, k if prior == "vmm" else 1)
-    x_rep, y_rep = module.posterior_predictive(x[:8], y[:8], batch[:8])
-    assert x_rep.shape == (8, 300) and y_rep.shape == (8, 14)
+    x_rep, y_rep = module.posterior_predictive(x[:8], batch[:8], 2, y=y[:8], proteins=True)
+    assert x_rep.shape == (8, 300, 2) and y_rep.shape == (8, 14, 2)
 
 
 def test_training_plan_trains_it_from_scvi_minibatches(shared_data, one_thread):
@@ -217,8 +217,8 @@ def test_training_plan_trains_it_from_scvi_minibatches(shared_data, one_thread):
     manager = scvi.model.TOTALVI(adata, n_latent=2, n_hidden=4, empirical_protein_background_prior=False).adata_manager
     splitter = DataSplitter(manager, train_size=0.9, batch_size=128)
     splitter.setup()
-    (x, y, batch), kwargs = VMMTOTALVIModule._get_fn_args_from_batch(next(iter(splitter.train_dataloader())))
-    assert x.shape == (128, 100) and y.shape == (128, 14) and batch.shape == (128, 1) and not kwargs
+    (x, batch), kwargs = VMMTOTALVIModule._get_fn_args_from_batch(next(iter(splitter.train_dataloader())))
+    assert x.shape == (128, 100) and kwargs["y"].shape == (128, 14) and batch.shape == (128, 1)
     k = 5
     pseudo = torch.cat([torch.as_tensor(adata.X[:k].toarray()),
                         torch.as_tensor(adata.obsm["protein_expression"].to_numpy()[:k])], -1)
