@@ -3,6 +3,7 @@
 ==========================  ============================================================================
 ``_base.py``                :class:`PyroVMMModel`, the generic model class (train, save/load, latents, ...)
 ``_model.py``               :class:`VMMSCVI`, scVI's AnnData fields and module on the base
+``_totalvi.py``             :class:`VMMTOTALVI`, totalVI's AnnData fields (RNA + proteins) and module
 ``_latent.py``              latents, cluster probabilities / assignments, ELBO, marginal likelihood, PPC
 ``_trainingplan.py``        :class:`VMMTrainingPlan`, the Lightning plan of the alternating VI / EM step
 ``_data.py``, ``_backed.py``  :class:`InMemoryDataSplitter`, datasets, sampler; rows of a backed AnnData
@@ -21,13 +22,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["InMemoryDataSplitter", "MinibatchSampler", "PyroVMMModel", "VMMSCVI", "VMMTrainingPlan"]
+__all__ = ["InMemoryDataSplitter", "MinibatchSampler", "PyroVMMModel", "VMMSCVI", "VMMTOTALVI", "VMMTrainingPlan"]
 
 _LAZY = {
     "InMemoryDataSplitter": "._data",
     "MinibatchSampler": "._data",
     "PyroVMMModel": "._base",
     "VMMSCVI": "._model",
+    "VMMTOTALVI": "._totalvi",
     "VMMTrainingPlan": "._trainingplan",
 }
 

@@ -98,16 +98,22 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         super().__init__(adata)
 
     # -------------------------------------------------------------------------------------------- for __init__
-    def _pseudo_input_counts(self, n_clusters: int, seed: int | np.random.Generator | None) -> torch.Tensor:
+    def _pseudo_input_counts(
+        self, n_clusters: int, seed: int | np.random.Generator | None, fields: tuple[str, ...] = ()
+    ) -> torch.Tensor:
         """The counts ``(K, G)`` of ``K = n_clusters`` random registered cells (sorted rows; with replacement only when
-        ``K`` exceeds the cells), to start the VampPrior's pseudo-inputs from; ``seed`` or a NumPy generator."""
+        ``K`` exceeds the cells), to start the VampPrior's pseudo-inputs from; ``seed`` or a NumPy generator;
+        ``fields``: registry keys of other registered matrices of those cells, appended as columns (e.g. proteins)."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(
             seed if seed is not None else np.random.randint(2**31)
         )
         n_cells = self.summary_stats.n_cells
         rows = np.sort(rng.choice(n_cells, size=n_clusters, replace=n_clusters > n_cells))
         counts, _ = registered_arrays(self.adata_manager, rows)
-        return torch.as_tensor(np.asarray(counts.todense() if sp.issparse(counts) else counts))
+        counts = np.asarray(counts.todense() if sp.issparse(counts) else counts)
+        extra = registered_fields(self.adata_manager, rows, keys=fields) if fields else {}
+        counts = np.hstack([counts, *(extra[key].astype(counts.dtype) for key in fields)]) if fields else counts
+        return torch.as_tensor(counts)
 
     def _registered_fields(self, manager=None, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{registry key: (N, .) array}`` of the :attr:`_data_fields` registered in ``manager`` (default: the
