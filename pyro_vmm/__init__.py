@@ -1,7 +1,7 @@
 """pyro-vmm: the VampPrior Mixture Model in Pyro, for image clustering and single-cell integration + clustering.
 
-Light imports only: ``import pyro_vmm`` does not import scvi-tools, scanpy or scib-metrics.  The scvi-tools model
-``pyro_vmm.VMMSCVI`` is loaded on first access.
+Light imports only: ``import pyro_vmm`` does not import scvi-tools, scanpy or scib-metrics.  The scvi-tools models
+(``pyro_vmm.VMMSCVI``, ``pyro_vmm.VMMLDVAE``) are loaded on first access.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from .priors import PRIORS, LatentPrior, build_prior
 from .utils import set_seed
 
 __version__ = "0.1.0"
-__all__ = ["PRIORS", "AlternatingSVI", "LatentPrior", "PyroVMMModel", "VMMSCVI", "build_prior", "sample_latent", "set_seed"]
+__all__ = ["PRIORS", "AlternatingSVI", "LatentPrior", "PyroVMMModel", "VMMLDVAE", "VMMSCVI", "build_prior", "sample_latent", "set_seed"]
 
-_LAZY = {"PyroVMMModel": "pyro_vmm.scvi", "VMMSCVI": "pyro_vmm.scvi"}
+_LAZY = {"PyroVMMModel": "pyro_vmm.scvi", "VMMLDVAE": "pyro_vmm.scvi", "VMMSCVI": "pyro_vmm.scvi"}
 
 
 def __getattr__(name: str) -> Any:
