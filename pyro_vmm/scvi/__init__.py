@@ -4,6 +4,7 @@
 ``_base.py``                :class:`PyroVMMModel`, the generic model class (train, save/load, latents, ...)
 ``_model.py``               :class:`VMMSCVI`, scVI's AnnData fields and module on the base
 ``_totalvi.py``             :class:`VMMTOTALVI`, totalVI's AnnData fields (RNA + proteins) and module
+``_ldvae.py``               :class:`VMMLDVAE`, the LDVAE of ``models/ldvae.py`` on the base (notebook 03's recipe)
 ``_latent.py``              latents, cluster probabilities / assignments, ELBO, marginal likelihood, PPC
 ``_trainingplan.py``        :class:`VMMTrainingPlan`, the Lightning plan of the alternating VI / EM step
 ``_data.py``, ``_backed.py``  :class:`InMemoryDataSplitter`, datasets, sampler; rows of a backed AnnData
@@ -22,12 +23,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["InMemoryDataSplitter", "MinibatchSampler", "PyroVMMModel", "VMMSCVI", "VMMTOTALVI", "VMMTrainingPlan"]
+__all__ = [
+    "InMemoryDataSplitter", "MinibatchSampler", "PyroVMMModel", "VMMLDVAE", "VMMSCVI", "VMMTOTALVI", "VMMTrainingPlan",
+]
 
 _LAZY = {
     "InMemoryDataSplitter": "._data",
     "MinibatchSampler": "._data",
     "PyroVMMModel": "._base",
+    "VMMLDVAE": "._ldvae",
     "VMMSCVI": "._model",
     "VMMTOTALVI": "._totalvi",
     "VMMTrainingPlan": "._trainingplan",
