@@ -126,6 +126,14 @@ def _natural_key(s: str):
         return (1, 0.0, s)
 
 
+def _finish(fig, path):
+    """Tight layout, then (when ``path`` is given) save ``fig`` there; returns ``fig``."""
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
 def _save(fig, path) -> None:
     from pyro_vmm.utils import atomic_path
 
@@ -179,10 +187,7 @@ def mde_grid(
             _scatter(ax, xy, adata.obs[key], title, renumber=key.endswith("cluster"))
             if c == 0 and n_rows > 1:
                 ax.set_ylabel(label)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def mde_figure(
@@ -272,10 +277,7 @@ def cluster_composition(
     last.set_xticks(x)
     last.set_xticklabels(ticks, fontsize=6)
     last.set_xlabel("cluster (cells), largest first", fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def marker_dotplot(
@@ -361,10 +363,7 @@ def marker_dotplot(
         ax.scatter([], [], s=area * share, color="0.5", label=f"{share:.0%}")
     ax.legend(title="detected in", fontsize=6, title_fontsize=6, frameon=False, loc="upper left",
               bbox_to_anchor=(1.08, 1.0), labelspacing=1.2)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.PathLike | None = None):
@@ -404,10 +403,7 @@ def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.
         if col == "utilized_clusters" and "n_labels" in sweep.attrs:
             ax.axhline(sweep.attrs["n_labels"], color="k", ls="--", lw=0.8, label="cell types")
     axes[0].legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 #: the panels of :func:`training_curves`: (y label, history keys drawn in it)
@@ -458,7 +454,4 @@ def training_curves(history: Mapping[str, object], path: str | os.PathLike | Non
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.legend(fontsize=7, frameon=False)  # train / validation cells, also when only one is drawn
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
