@@ -3,7 +3,7 @@
 For N(0, I), the VampPrior, the DP-GMM and the VMM (K = 100) this trains the image VAE and reports, on held-out
 images: the posterior predictive log p(x|x), the importance-sampled evidence log p(x) (IWAE, m draws), the negative
 distortion E_q log p(x|z), the rate KL(q(z|x) || p(z)), the marginal KL(q(z) || p(z)) against the aggregate posterior
-and I[z; n] (see :mod:`pyro_vmm.surgery`), and checks log p(x) >= ELBO for every prior.
+and I[z; n] (see :mod:`pyro_vmm.images.surgery`), and checks log p(x) >= ELBO for every prior.
 
 ``--protocol cpu`` (default, ~30-40 min on 2 shared CPU cores) differs from the paper (facts 5.1) in:
 
@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pyro_vmm.data.images import load_fashion_mnist  # noqa: E402
-from pyro_vmm.image_training import TrainingConfig, train_image_model  # noqa: E402
+from pyro_vmm.images.training import TrainingConfig, train_image_model  # noqa: E402
 from pyro_vmm.models.vae import ImageVAE  # noqa: E402
-from pyro_vmm.surgery import elbo_surgery  # noqa: E402
+from pyro_vmm.images.surgery import elbo_surgery  # noqa: E402
 from pyro_vmm.utils import atomic_path, set_seed  # noqa: E402
 
 PROTOCOLS = {

@@ -60,7 +60,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pyro_vmm.cli.images import PRESETS, fit_and_score, load_split  # noqa: E402
+from pyro_vmm.images.experiment import PRESETS, fit_and_score, load_split  # noqa: E402
 from pyro_vmm.utils import atomic_path  # noqa: E402
 
 PROTOCOLS = {

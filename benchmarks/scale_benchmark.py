@@ -243,7 +243,7 @@ def _breakdown_one(adata, bs: int, k: int, args) -> dict:
     import pyro
 
     from pyro_vmm.infer import _empty_guide, _frozen
-    from pyro_vmm.priors import gaussian_expected_log_lik
+    from pyro_vmm.mixtures import gaussian_expected_log_lik
 
     module, svi, vi, draw, em = _step_setup(adata, bs, k, args.seed)
     prior, encoder, z = module.prior, svi.pseudo_encoder, draw()

@@ -73,19 +73,14 @@ class LDVAEModule(VMMSCVIModule):
         zinb = gene_likelihood == "zinb"
         self.gate_decoder = LinearDecoder(self.n_latent, self.n_input, self.n_batch) if zinb else None
 
-    def likelihood(
-        self,
-        z: Tensor,
-        library: Tensor,
-        batch_index: Tensor,
-        nonzero: tuple[Tensor, Tensor] | None = None,
-        cat_covs: None = None,
-        cont_covs: None = None,
-    ) -> GeneCounts:
-        r""":math:`p(x \mid z, \ell, s) = \prod_g \mathrm{NB}(x_g \mid \ell \operatorname{softmax}(W z + b +
-        \beta_s)_g, \theta_g)` (or the ZINB), event shape ``(G,)``; ``library`` :math:`\ell` is ``(B, 1)``."""
+    def decode_logits(
+        self, z: Tensor, batch_index: Tensor, cat_covs: None = None, cont_covs: None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        r"""The linear maps :math:`W z + b + \beta_s` (pre-softmax :math:`\log\rho`) and, for the ZINB, the gate
+        logits: :math:`p(x \mid z, \ell, s) = \prod_g \mathrm{NB}(x_g \mid \ell \operatorname{softmax}(W z + b +
+        \beta_s)_g, \theta_g)` (or the ZINB) through :meth:`VMMSCVIModule.likelihood`."""
         gate = self.gate_decoder(z, batch_index) if self.gate_decoder is not None else None
-        return GeneCounts(self.decoder(z, batch_index), torch.log(library), self.px_r, gate, nonzero)
+        return self.decoder(z, batch_index), gate
 
     @torch.no_grad()
     def normalized_expression(

@@ -65,10 +65,10 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions import constraints
 from scvi import REGISTRY_KEYS
-from scvi.module.base import PyroBaseModuleClass
-from scvi.nn import DecoderSCVI, FCLayers
+from scvi.nn import DecoderSCVI
 from torch import Tensor, nn
 
+from pyro_vmm.models._layers import NONZERO_KEY, CountsModule, check_choice, check_pseudo_inputs, gaussian_encoder
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode, inverse_softplus
 
@@ -80,8 +80,6 @@ __all__ = [
     "inverse_softplus",
 ]
 
-#: minibatch key of the ``(2, nnz)`` row / column positions of the non-zero counts (row-major order)
-NONZERO_KEY = "nonzero"
 #: floor on the variance of q(z|x) for ``var_activation="exp"`` (scvi-tools' ``var_eps``)
 VAR_EPS = 1e-4
 #: pseudo-input counts are clamped to at least this before the inverse softplus
@@ -294,7 +292,7 @@ def covariate_kwargs(tensor_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {kw: tensor_dict[key] for key, kw in COVARIATE_KEYS.items() if tensor_dict.get(key) is not None}
 
 
-class VMMSCVIModule(PyroBaseModuleClass):
+class VMMSCVIModule(CountsModule):
     """scVI as a Pyro program with a pluggable latent prior (see the module docstring for the math).
 
     Parameters
@@ -334,9 +332,6 @@ class VMMSCVIModule(PyroBaseModuleClass):
         when the encoder reads them (default zeros; stored in the buffer ``pseudo_cont_covs``).
     """
 
-    #: True for a query model (:mod:`pyro_vmm.scvi._query`): the prior stays as the reference left it, no EM step
-    frozen_prior: bool = False
-
     def __init__(
         self,
         n_input: int,
@@ -358,10 +353,8 @@ class VMMSCVIModule(PyroBaseModuleClass):
         cont_covs_mean: Tensor | None = None,
     ) -> None:
         super().__init__()
-        if gene_likelihood not in ("zinb", "nb"):
-            raise ValueError(f"gene_likelihood must be 'zinb' or 'nb', got {gene_likelihood!r}")
-        if var_activation not in ("exp", "softplus"):
-            raise ValueError(f"var_activation must be 'exp' or 'softplus', got {var_activation!r}")
+        check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb"))
+        check_choice("var_activation", var_activation, ("exp", "softplus"))
         if int(n_input) < 1 or int(n_batch) < 1:
             raise ValueError(f"need n_input >= 1 and n_batch >= 1, got n_input={n_input}, n_batch={n_batch}")
         if not 0.0 <= float(dropout_rate) < 1.0:
@@ -387,19 +380,10 @@ class VMMSCVIModule(PyroBaseModuleClass):
 
         # q(z | x, s, k, c): FCLayers on concat(log1p(x), c, onehot(s), onehot(k_j)...) -> mean / variance heads
         # (as scvi.nn.Encoder; only log1p(x) unless encode_covariates)
-        self.encoder = FCLayers(
-            n_in=self.n_input + self.n_cont_input + self.n_batch_input + sum(self.cat_input_widths),
-            n_out=n_hidden,
-            n_cat_list=None,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
-            use_batch_norm=True,
-            use_layer_norm=False,
-            inject_covariates=False,
+        n_in = self.n_input + self.n_cont_input + self.n_batch_input + sum(self.cat_input_widths)
+        self.encoder, self.mean_encoder, self.var_encoder = gaussian_encoder(
+            n_in, n_hidden, self.n_latent, n_layers, dropout_rate, inject_covariates=False
         )
-        self.mean_encoder = nn.Linear(n_hidden, self.n_latent)
-        self.var_encoder = nn.Linear(n_hidden, self.n_latent)
         # p(x | z, s, k, c): scvi-tools' decoder on concat(z, c), batch and covariate one-hots in the first layer only
         self.decoder = DecoderSCVI(
             self.n_latent + self.n_continuous_cov,
@@ -415,21 +399,12 @@ class VMMSCVIModule(PyroBaseModuleClass):
         #: log inverse dispersion, theta_g = exp(px_r_g), initialised to theta = 1 (the reference's Exp bijector)
         self.px_r = nn.Parameter(torch.zeros(self.n_input))
 
-        raw = None
-        if prior.lower() in ("vmm", "vampprior"):
-            if pseudo_inputs is None:
-                raise ValueError(
-                    f"prior={prior!r} needs pseudo_inputs: the (K, G) counts of K random cells "
-                    "(VMMSCVI draws them for you; with the module alone pass e.g. counts[rng.choice(N, K)])"
-                )
-            pseudo_inputs = torch.as_tensor(pseudo_inputs)
-            if pseudo_inputs.shape != (n_clusters, self.n_input):
-                raise ValueError(
-                    f"pseudo_inputs has shape {tuple(pseudo_inputs.shape)}, expected (n_clusters, n_genes) = "
-                    f"({n_clusters}, {self.n_input})"
-                )
-            n_soft = self.n_batch_input + sum(self.cat_input_widths)
-            raw = counts_to_pseudo_inputs(pseudo_inputs, n_soft, self.pseudo_input_shift)
+        counts = check_pseudo_inputs(
+            prior, pseudo_inputs, (n_clusters, self.n_input), "n_genes", "the (K, G) counts of K random cells "
+            "(VMMSCVI draws them for you; with the module alone pass e.g. counts[rng.choice(N, K)])",
+        )
+        n_soft = self.n_batch_input + sum(self.cat_input_widths)
+        raw = None if counts is None else counts_to_pseudo_inputs(counts, n_soft, self.pseudo_input_shift)
         self.prior = build_prior(prior, self.n_latent, n_components=n_clusters, pseudo_inputs=raw, inference=inference)
 
     # ------------------------------------------------------------------------------------------- scvi-tools glue
@@ -438,20 +413,7 @@ class VMMSCVIModule(PyroBaseModuleClass):
         """``(x, batch_index), {"nonzero": (rows, cols), "cat_covs": ..., "cont_covs": ..., "size_factor": ...}``;
         the non-zero positions of ``x`` come with minibatches of :class:`~pyro_vmm.scvi._data.CountsDataset` (key
         ``"nonzero"``, shape ``(2, nnz)``), the covariates when registered; absent keys are left out."""
-        args = (tensor_dict[REGISTRY_KEYS.X_KEY], tensor_dict[REGISTRY_KEYS.BATCH_KEY])
-        kwargs = covariate_kwargs(tensor_dict)
-        nonzero = tensor_dict.get(NONZERO_KEY)
-        if nonzero is not None:
-            kwargs["nonzero"] = (nonzero[0], nonzero[1])
-        return args, kwargs
-
-    @property
-    def device(self) -> torch.device:
-        return self.px_r.device
-
-    def on_load(self, model, **kwargs) -> None:
-        """Nothing to materialise: every parameter is in ``state_dict`` (no training step, unlike scvi-tools)."""
-        pyro.clear_param_store()
+        return CountsModule._batch_args(tensor_dict, covariate_kwargs(tensor_dict))
 
     # ------------------------------------------------------------------------------------------- networks
     def _batch_onehot(self, batch_index: Tensor) -> Tensor:
@@ -548,11 +510,19 @@ class VMMSCVIModule(PyroBaseModuleClass):
     ) -> dist.TorchDistribution:
         r""":math:`p(x \mid z, \ell, s, k, c)` with event shape ``(G,)``; ``library`` is :math:`\ell` (counts,
         ``(B, 1)``); ``nonzero``: the positions of the non-zero counts, when known (see :class:`GeneCounts`)."""
+        scale_logits, gate_logits = self.decode_logits(z, batch_index, cat_covs, cont_covs)
+        return GeneCounts(scale_logits, torch.log(library), self.px_r, gate_logits, nonzero)
+
+    def decode_logits(
+        self, z: Tensor, batch_index: Tensor, cat_covs: Tensor | None = None, cont_covs: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        r"""The decoder's pre-softmax :math:`\log\rho` (up to a constant) and the zero-inflation logits :math:`h`
+        (``None`` for the NB), each ``(B, G)``."""
         dec_in, cats = self._decoder_args(z, batch_index, cat_covs, cont_covs)
         px = self.decoder.px_decoder(dec_in, *cats)
         scale_logits = self.decoder.px_scale_decoder[0](px)  # DecoderSCVI's Linear before its Softmax
         gate_logits = self.decoder.px_dropout_decoder(px) if self.gene_likelihood == "zinb" else None
-        return GeneCounts(scale_logits, torch.log(library), self.px_r, gate_logits, nonzero)
+        return scale_logits, gate_logits
 
     # ------------------------------------------------------------------------------------------- Pyro programs
     def model(
@@ -575,17 +545,12 @@ class VMMSCVIModule(PyroBaseModuleClass):
             pyro.sample("x", self.likelihood(z, library, batch_index, nonzero, cat_covs, cont_covs), obs=x)
 
     def guide(
-        self,
-        x: Tensor,
-        batch_index: Tensor,
-        nonzero: tuple[Tensor, Tensor] | None = None,
-        cat_covs: Tensor | None = None,
-        cont_covs: Tensor | None = None,
-        size_factor: Tensor | None = None,
+        self, x: Tensor, batch_index: Tensor, nonzero: tuple[Tensor, Tensor] | None = None, **covs: Tensor | None
     ) -> None:
+        """Takes :meth:`model`'s arguments; the encoder reads the covariates of ``covs`` it was built for."""
         b = x.shape[0]
         with pyro.plate("data", b), poutine.scale(scale=1.0 / b):
-            pyro.sample("z", self.encode(x, batch_index, cat_covs, cont_covs))
+            pyro.sample("z", self._encode(x, batch_index, covs))
 
     # ------------------------------------------------------------------------------------------- inference helpers
     # ``**covs``: the registered covariates, ``cat_covs``, ``cont_covs``, ``size_factor`` (see :meth:`model`)

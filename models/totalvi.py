@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from scvi import REGISTRY_KEYS
-from scvi.module.base import PyroBaseModuleClass
-from scvi.nn import DecoderTOTALVI, FCLayers
+from scvi.nn import DecoderTOTALVI
 from torch import Tensor, nn
 
 from pyro_vmm.distributions import ProteinCounts
-from pyro_vmm.models.scvi import NONZERO_KEY, VAR_EPS, GeneCounts, GeneLikelihood, counts_to_pseudo_inputs
+from pyro_vmm.models._layers import CountsModule, check_choice, check_pseudo_inputs, gaussian_encoder
+from pyro_vmm.models.scvi import VAR_EPS, GeneCounts, GeneLikelihood, counts_to_pseudo_inputs
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode
 
@@ -119,7 +119,7 @@ def protein_background_prior(
     return np.tile(means, (t, 1)), np.tile(scales, (t, 1))
 
 
-class VMMTOTALVIModule(PyroBaseModuleClass):
+class VMMTOTALVIModule(CountsModule):
     r"""totalVI as a Pyro program with a pluggable latent prior (see the module docstring for the math).
 
     Parameters
@@ -146,9 +146,6 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
         :math:`\alpha = 1 + \operatorname{ReLU}(\cdot)` (scvi-tools) or :math:`1 + \operatorname{softplus}(\cdot)`.
     """
 
-    #: True for a query model: the prior stays as the reference left it, no EM step
-    frozen_prior: bool = False
-
     def __init__(
         self,
         n_input_genes: int,
@@ -171,10 +168,8 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
         foreground_activation: ForegroundActivation = "relu",
     ) -> None:
         super().__init__()
-        if gene_likelihood not in ("zinb", "nb"):
-            raise ValueError(f"gene_likelihood must be 'zinb' or 'nb', got {gene_likelihood!r}")
-        if foreground_activation not in ("relu", "softplus"):
-            raise ValueError(f"foreground_activation must be 'relu' or 'softplus', got {foreground_activation!r}")
+        check_choice("gene_likelihood", gene_likelihood, ("zinb", "nb"))
+        check_choice("foreground_activation", foreground_activation, ("relu", "softplus"))
         if min(int(n_input_genes), int(n_input_proteins), int(n_batch)) < 1:
             raise ValueError(
                 f"need n_input_genes, n_input_proteins, n_batch >= 1, got {n_input_genes}, {n_input_proteins}, "
@@ -189,18 +184,10 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
         n_in = self.n_input_genes + self.n_input_proteins
 
         # q(z | x, y, s): scvi-tools' EncoderTOTALVI z-branch (batch one-hot injected into every layer)
-        self.encoder = FCLayers(
-            n_in=n_in,
-            n_out=n_hidden,
+        self.encoder, self.mean_encoder, self.var_encoder = gaussian_encoder(
+            n_in, n_hidden, self.n_latent, n_layers_encoder, dropout_rate_encoder,
             n_cat_list=[self.n_batch] if self.encode_covariates else None,
-            n_layers=n_layers_encoder,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate_encoder,
-            use_batch_norm=True,
-            use_layer_norm=False,
         )
-        self.mean_encoder = nn.Linear(n_hidden, self.n_latent)
-        self.var_encoder = nn.Linear(n_hidden, self.n_latent)
         # p(x, y | z, beta, s) and q(log beta | z, s): scvi-tools' DecoderTOTALVI networks
         self.decoder = DecoderTOTALVI(
             self.n_latent,
@@ -234,19 +221,11 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
         self.background_pro_alpha = nn.Parameter(mean.clone())
         self.background_pro_log_beta = nn.Parameter(torch.log(scale))
 
-        raw = None
-        if prior.lower() in ("vmm", "vampprior"):
-            if pseudo_inputs is None:
-                raise ValueError(
-                    f"prior={prior!r} needs pseudo_inputs: the (K, G + T) RNA-then-protein counts of K random cells"
-                )
-            pseudo_inputs = torch.as_tensor(pseudo_inputs)
-            if pseudo_inputs.shape != (n_clusters, n_in):
-                raise ValueError(
-                    f"pseudo_inputs has shape {tuple(pseudo_inputs.shape)}, expected (n_clusters, n_genes + "
-                    f"n_proteins) = ({n_clusters}, {n_in})"
-                )
-            raw = counts_to_pseudo_inputs(pseudo_inputs, self.n_batch_input)
+        counts = check_pseudo_inputs(
+            prior, pseudo_inputs, (n_clusters, n_in), "n_genes + n_proteins",
+            "the (K, G + T) RNA-then-protein counts of K random cells",
+        )
+        raw = None if counts is None else counts_to_pseudo_inputs(counts, self.n_batch_input)
         self.prior = build_prior(prior, self.n_latent, n_components=n_clusters, pseudo_inputs=raw, inference=inference)
 
     # ------------------------------------------------------------------------------------------- scvi-tools glue
@@ -254,20 +233,7 @@ class VMMTOTALVIModule(PyroBaseModuleClass):
     def _get_fn_args_from_batch(tensor_dict: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor], dict]:
         """``(x, batch_index), {"y": proteins, "nonzero": (rows, cols)}`` (the non-zero positions of ``x`` when the
         loader gives them): the call convention ``f(x, batch_index, **fields)`` of :mod:`pyro_vmm.scvi`."""
-        args = (tensor_dict[REGISTRY_KEYS.X_KEY], tensor_dict[REGISTRY_KEYS.BATCH_KEY])
-        kwargs = {"y": tensor_dict[REGISTRY_KEYS.PROTEIN_EXP_KEY]}
-        nonzero = tensor_dict.get(NONZERO_KEY)
-        if nonzero is not None:
-            kwargs["nonzero"] = (nonzero[0], nonzero[1])
-        return args, kwargs
-
-    @property
-    def device(self) -> torch.device:
-        return self.px_r.device
-
-    def on_load(self, model, **kwargs) -> None:
-        """Nothing to materialise: every parameter is in ``state_dict``."""
-        pyro.clear_param_store()
+        return CountsModule._batch_args(tensor_dict, {"y": tensor_dict[REGISTRY_KEYS.PROTEIN_EXP_KEY]})
 
     # ------------------------------------------------------------------------------------------- networks
     def _posterior(self, x: Tensor, y: Tensor, batch: Tensor | None) -> dist.Independent:

@@ -24,7 +24,7 @@ per-image ELBO (:meth:`VaDE.elbo`) is
 with the Gaussian KLs in closed form.  :meth:`VaDE.model` / :meth:`VaDE.guide` are the same model and guide as Pyro
 programs (``c`` enumerated in the guide): ``TraceEnum_ELBO`` on them is an unbiased estimate of the same objective.
 
-Training (:func:`pyro_vmm.image_training.train_vade`): pre-train the auto-encoder on the reconstruction term only,
+Training (:func:`pyro_vmm.images.training.train_vade`): pre-train the auto-encoder on the reconstruction term only,
 fit ``sklearn.mixture.GaussianMixture`` to one posterior draw of the training images and copy its parameters
 (:meth:`VaDE.init_from_gaussian_mixture`), then optimise the ELBO over everything.
 """
@@ -42,7 +42,8 @@ from torch import Tensor
 from pyro.distributions import constraints
 from torch.distributions import transform_to
 
-from pyro_vmm.priors import DIAG_SHIFT, gaussian_expected_log_lik
+from pyro_vmm.mixtures import gaussian_expected_log_lik
+from pyro_vmm.priors import DIAG_SHIFT
 
 from .vae import PAPER_HIDDEN, ImageVAE
 

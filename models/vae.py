@@ -19,7 +19,7 @@ the ``K`` pseudo-inputs :math:`u_k` (initialised to ``K`` random training images
 
 The model scales every log-density by ``1/B`` (``B`` = minibatch size), so ``-ELBO`` is the paper's per-image loss
 :math:`\frac1B\sum_n -\mathrm{ELBO}_n`.  Train with :class:`pyro_vmm.AlternatingSVI` (VI step on the networks, EM step
-on the GMM/VMM prior) or :func:`pyro_vmm.image_training.train_image_model`.
+on the GMM/VMM prior) or :func:`pyro_vmm.images.training.train_image_model`.
 """
 
 from __future__ import annotations

@@ -241,45 +241,65 @@ class AlternatingSVI:
             raise RuntimeError("built with make_optimizers=False: drive vi_loss/em_loss from your own loop")
         return self.optimizers
 
-    def vi_step(self, *args, **kwargs) -> float:
-        """One Adam step of the VI optimiser on the negative ELBO; returns the loss."""
+    def _vi_optimizer(self) -> torch.optim.Optimizer:
         vi_opt, _ = self._optimizers()
         if vi_opt is None:
             raise RuntimeError("the module has no network parameters for the VI step")
+        return vi_opt
+
+    def _update(
+        self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, backward: Callable | None = None
+    ) -> torch.Tensor:
+        """Gradients of ``loss`` (by ``backward``, default ``loss.backward()``), one step of ``optimizer``, gradients
+        cleared before and after; returns the detached loss."""
         self.module.zero_grad(set_to_none=True)
-        loss = self.vi_loss(*args, **kwargs)
-        loss.backward()
-        vi_opt.step()
+        (backward or torch.Tensor.backward)(loss)
+        optimizer.step()
         self.module.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
+
+    def vi_step(self, *args, **kwargs) -> float:
+        """One Adam step of the VI optimiser on the negative ELBO; returns the loss."""
+        return float(self._update(self._vi_optimizer(), self.vi_loss(*args, **kwargs)))
 
     def em_step(self, *args, **kwargs) -> float | None:
         """One Adam step of the EM optimiser on the enumerated EM loss; ``None`` if the prior has nothing to fit."""
         _, em_opt = self._optimizers()
-        if em_opt is None:
-            return None
-        self.module.zero_grad(set_to_none=True)
-        loss = self.em_loss(*args, **kwargs)
-        loss.backward()
-        em_opt.step()
-        self.module.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return None if em_opt is None else float(self._update(em_opt, self.em_loss(*args, **kwargs)))
 
     def em_step_at(self, z: torch.Tensor) -> float | None:
         """One EM step at fixed latent samples ``z`` (e.g. to fit the prior alone)."""
         _, em_opt = self._optimizers()
-        if em_opt is None:
-            return None
-        self.module.zero_grad(set_to_none=True)
-        loss = self.em_loss_at(z)
-        loss.backward()
-        em_opt.step()
-        self.module.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return None if em_opt is None else float(self._update(em_opt, self.em_loss_at(z)))
+
+    def alternating_step(
+        self,
+        vi_opt: torch.optim.Optimizer,
+        em_opt: torch.optim.Optimizer | None,
+        *args,
+        kl_weight: float = 1.0,
+        backward: Callable | None = None,
+        assignments: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One VI step (networks; prior parameters fixed) then, with ``em_opt``, one EM step (prior parameters;
+        networks fixed) on the same minibatch with the updated encoder: the step every training loop runs.
+
+        ``backward`` computes the gradients (e.g. Lightning's ``manual_backward``); ``assignments`` also returns the
+        hard assignments from the EM step's own pseudo-input pass.  Returns ``(vi_loss, em_loss, assignments)``,
+        detached (``None`` where not computed)."""
+        vi_loss = self._update(vi_opt, self.vi_loss(*args, kl_weight=kl_weight, **kwargs), backward)
+        em_loss = assign = None
+        if em_opt is not None:
+            z = sample_latent(self.module, *args, latent_site=self.latent_site, **kwargs)
+            loss, assign = self.em_loss_and_assignments_at(z, assignments=assignments)
+            em_loss = self._update(em_opt, loss, backward)
+        return vi_loss, em_loss, assign
 
     def step(self, *args, **kwargs) -> StepResult:
-        """One VI step then (for GMM/VMM) one EM step, on the same minibatch."""
-        return StepResult(self.vi_step(*args, **kwargs), self.em_step(*args, **kwargs))
+        """One VI step then (for GMM/VMM) one EM step, on the same minibatch (:meth:`alternating_step`)."""
+        vi_loss, em_loss, _ = self.alternating_step(self._vi_optimizer(), self._optimizers()[1], *args, **kwargs)
+        return StepResult(float(vi_loss), None if em_loss is None else float(em_loss))
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:

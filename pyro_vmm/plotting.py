@@ -4,25 +4,23 @@
 Model-independent: every function takes arrays, an AnnData or a DataFrame.  Figures are drawn with matplotlib's
 object API on an Agg canvas (no pyplot, no global backend switch) and, when ``path`` is given, saved atomically.
 
-MDE (minimum-distortion embedding, Agrawal et al. 2021) uses pymde's ``preserve_neighbors`` with the settings of
-the former ``scvi.model.utils.mde`` (removed from scvi-tools 1.4): 2-D, ``Standardized`` constraint, 15 neighbours,
-repulsive fraction 0.7; ``pymde.seed(seed)`` makes it repeatable.
+The MDE embeddings are :func:`pyro_vmm.mde.mde_embedding`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from pyro_vmm.mde import mde_embedding
 
 __all__ = [
     "COLUMN_TITLES",
     "cluster_composition",
     "marker_dotplot",
-    "mde_embedding",
     "mde_figure",
     "mde_grid",
     "plot_tuning_sweep",
@@ -31,59 +29,6 @@ __all__ = [
 
 #: column titles of the paper's Figure 3, by the obs key coloured in that column
 COLUMN_TITLES = {"batch": "Batch correction", "cell_type": "Bio conservation", "vmm_cluster": "Prior cluster membership"}
-
-
-@contextlib.contextmanager
-def _seeded_eigsh(seed: int) -> Iterator[None]:
-    """pymde's spectral initialisation calls ``scipy.sparse.linalg.eigsh`` without a start vector, so ARPACK's
-    process-global random state makes repeated calls differ; give it a seeded ``v0`` for the duration."""
-    import scipy.sparse.linalg as spla
-
-    original = spla.eigsh
-
-    def eigsh(A, *args, **kwargs):
-        kwargs.setdefault("v0", np.random.default_rng(seed).uniform(-1.0, 1.0, A.shape[0]))
-        return original(A, *args, **kwargs)
-
-    spla.eigsh = eigsh
-    try:
-        yield
-    finally:
-        spla.eigsh = original
-
-
-def mde_embedding(latent, seed: int = 0, device: str = "cpu", n_neighbors: int = 15) -> np.ndarray:
-    """2-D MDE of ``latent`` (N, D) preserving its ``n_neighbors``-NN graph; (N, 2) float32, repeatable per seed."""
-    import torch
-
-    from pyro_vmm._compat import import_pymde
-
-    x = np.asarray(latent, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] < 3:
-        raise ValueError(f"MDE needs a (cells x dims) latent with at least 3 cells, got shape {x.shape}")
-    pymde = import_pymde()
-    from threadpoolctl import threadpool_limits
-
-    # the L-BFGS fit amplifies last-bit differences, so multi-threaded BLAS/torch reductions would make the picture
-    # differ between runs: one thread for the (seconds-long) fit
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1), _seeded_eigsh(seed):
-            pymde.seed(seed)
-            mde = pymde.preserve_neighbors(
-                torch.from_numpy(x),
-                embedding_dim=2,
-                constraint=pymde.Standardized(),
-                repulsive_fraction=0.7,
-                n_neighbors=min(n_neighbors, x.shape[0] - 1),
-                device=device,
-                verbose=False,
-            )
-            emb = mde.embed(verbose=False)
-    finally:
-        torch.set_num_threads(threads)
-    return emb.detach().cpu().numpy().astype(np.float32)
 
 
 def _palette(n: int) -> list:
@@ -124,6 +69,14 @@ def _natural_key(s: str):
         return (0, float(s), s)
     except ValueError:
         return (1, 0.0, s)
+
+
+def _finish(fig, path):
+    """Tight layout, then (when ``path`` is given) save ``fig`` there; returns ``fig``."""
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig
 
 
 def _save(fig, path) -> None:
@@ -179,10 +132,7 @@ def mde_grid(
             _scatter(ax, xy, adata.obs[key], title, renumber=key.endswith("cluster"))
             if c == 0 and n_rows > 1:
                 ax.set_ylabel(label)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def mde_figure(
@@ -272,10 +222,7 @@ def cluster_composition(
     last.set_xticks(x)
     last.set_xticklabels(ticks, fontsize=6)
     last.set_xlabel("cluster (cells), largest first", fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def marker_dotplot(
@@ -361,10 +308,7 @@ def marker_dotplot(
         ax.scatter([], [], s=area * share, color="0.5", label=f"{share:.0%}")
     ax.legend(title="detected in", fontsize=6, title_fontsize=6, frameon=False, loc="upper left",
               bbox_to_anchor=(1.08, 1.0), labelspacing=1.2)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.PathLike | None = None):
@@ -404,10 +348,7 @@ def plot_tuning_sweep(sweep: pd.DataFrame, score: str = "Total", path: str | os.
         if col == "utilized_clusters" and "n_labels" in sweep.attrs:
             ax.axhline(sweep.attrs["n_labels"], color="k", ls="--", lw=0.8, label="cell types")
     axes[0].legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 #: the panels of :func:`training_curves`: (y label, history keys drawn in it)
@@ -458,7 +399,4 @@ def training_curves(history: Mapping[str, object], path: str | os.PathLike | Non
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.legend(fontsize=7, frameon=False)  # train / validation cells, also when only one is drawn
-    fig.tight_layout()
-    if path is not None:
-        _save(fig, path)
-    return fig
+    return _finish(fig, path)

@@ -238,7 +238,7 @@ def _knn_sets(x, k=10):
 
 
 def test_mde_embedding_is_seeded_and_preserves_neighbourhoods():
-    from pyro_vmm.plotting import mde_embedding
+    from pyro_vmm.mde import mde_embedding
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 100)

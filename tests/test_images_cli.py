@@ -48,8 +48,8 @@ def test_images_monitor_nmi_records_the_criterion(prior, tmp_path):
 
 
 def test_saved_model_reloads_and_reproduces_its_scores(tmp_path):
-    from pyro_vmm.cli.images import build_model, load_split
-    from pyro_vmm.image_training import evaluate_clustering
+    from pyro_vmm.images.evaluation import evaluate_clustering
+    from pyro_vmm.images.experiment import build_model, load_split
 
     main(["images", "--prior", "gmm", *TINY, "--epochs", "1", "--n-clusters", "5", "--out", str(tmp_path)])
     saved = torch.load(tmp_path / "model.pt", weights_only=False)

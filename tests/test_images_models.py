@@ -188,7 +188,8 @@ def test_vade_elbo_equals_pyro_traceenum_of_its_model_and_guide():
 
 
 def test_vade_smoke_training():
-    from pyro_vmm.image_training import TrainingConfig, evaluate_clustering, train_vade
+    from pyro_vmm.images.evaluation import evaluate_clustering
+    from pyro_vmm.images.training import TrainingConfig, train_vade
 
     x = _data(n=90)
     labels = torch.arange(90) % 3

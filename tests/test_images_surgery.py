@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pyro_vmm.priors import build_prior
-from pyro_vmm.surgery import aggregate_posterior_terms, elbo_surgery
+from pyro_vmm.images.surgery import aggregate_posterior_terms, elbo_surgery
 
 
 class LinearGaussianVAE(nn.Module):

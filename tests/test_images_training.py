@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from pyro_vmm import set_seed
-from pyro_vmm.image_training import (
-    TrainingConfig,
-    cluster_probabilities,
-    evaluate_clustering,
-    fit_minibatches,
-    latent_representation,
-    split_validation,
-    train_image_model,
-)
+from pyro_vmm.images.evaluation import cluster_probabilities, evaluate_clustering, latent_representation
+from pyro_vmm.images.training import TrainingConfig, fit_minibatches, split_validation, train_image_model
 from pyro_vmm.models.vae import ImageVAE
 from pyro_vmm.priors import build_prior
 
@@ -258,7 +251,7 @@ def test_nmi_monitor_keeps_the_epoch_with_the_best_validation_nmi():
     assert hist.monitor == "nmi" and len(hist.val_nmi) == 8 and len(hist.val_loss) == 8
     assert hist.best_epoch == int(np.argmax(hist.val_nmi)) < 7  # an earlier epoch than the last is restored
     # the restored weights give the recorded score again (the monitor's draws are seeded)
-    from pyro_vmm.image_training import nmi_monitor
+    from pyro_vmm.images.training import nmi_monitor
 
     assert nmi_monitor(vae, xv, yv, cfg)() == pytest.approx(max(hist.val_nmi))
 

@@ -9,7 +9,8 @@ import torch
 from _em_reference import expected_complete_data_loss, hyperprior_log_density, marginal_loss
 
 from pyro_vmm import AlternatingSVI, set_seed
-from pyro_vmm.priors import GaussianMixturePrior, VampPriorMixture, build_prior, gaussian_expected_log_lik
+from pyro_vmm.mixtures import gaussian_expected_log_lik
+from pyro_vmm.priors import GaussianMixturePrior, VampPriorMixture, build_prior
 
 
 class _PriorOnly(torch.nn.Module):

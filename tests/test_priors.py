@@ -275,7 +275,7 @@ def test_inverse_softplus_is_stable_and_exact():
 @pytest.mark.parametrize("scale", [1.0, 20.0])
 def test_expanded_mahalanobis_equals_the_direct_form(scale):
     """The (N, K) matrix-product form of (z - m)^T P (z - m) equals the direct one, also far from the means."""
-    from pyro_vmm.priors import _mahalanobis
+    from pyro_vmm.mixtures import _mahalanobis
 
     gen = torch.Generator().manual_seed(0)
     k, d = 7, 5
@@ -294,7 +294,7 @@ def test_expanded_mahalanobis_equals_the_direct_form(scale):
 @pytest.mark.parametrize("with_loc_cov", [False, True])
 def test_gaussian_mixture_equals_mixture_same_family(with_loc_cov):
     """The z-site distribution (precision form) equals torch's MixtureSameFamily(MultivariateNormal(cov))."""
-    from pyro_vmm.priors import MixtureParams
+    from pyro_vmm.mixtures import MixtureParams
 
     gen = torch.Generator().manual_seed(1)
     k, d = 6, 3

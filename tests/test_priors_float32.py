@@ -13,14 +13,13 @@ import torch
 from _em_reference import expected_complete_data_loss, marginal_loss
 
 from pyro_vmm import AlternatingSVI
-from pyro_vmm.priors import (
+from pyro_vmm.mixtures import (
     MixtureParams,
-    VampPriorMixture,
-    build_prior,
     dirichlet_log_prob_logits,
     gaussian_expected_log_lik,
     wishart_log_prob_cholesky,
 )
+from pyro_vmm.priors import VampPriorMixture, build_prior
 
 F64 = torch.float64
 SIZES = [(100, 10), (100, 30)]

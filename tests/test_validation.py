@@ -276,7 +276,7 @@ def test_backed_anndata_is_read_in_chunks(tmp_path, monkeypatch, fmt):
     adata.X = dense if fmt == "dense" else sp.csr_matrix(dense).asformat(fmt)
     path = tmp_path / f"{fmt}.h5ad"
     adata.write_h5ad(path)
-    monkeypatch.setattr(validation, "CHUNK_ENTRIES", 50)  # several chunks of a few rows / columns
+    monkeypatch.setattr(validation.counts, "CHUNK_ENTRIES", 50)  # several chunks of a few rows / columns
     backed = ad.read_h5ad(path, backed="r")
     try:
         where = r"first 0.5 at cell 'cell33' \(row 33\), gene 'gene9' \(column 9\)"

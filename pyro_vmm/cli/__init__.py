@@ -27,6 +27,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (one line in ``pyro-vmm --help``, ``description`` in its own)."""
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+
+
+def add_io_args(p: argparse.ArgumentParser, data_help: str, layer_help: str) -> argparse._ArgumentGroup:
+    """The "data and output" group with ``--data``, ``--out`` and ``--layer``; returns it for further options."""
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data", required=True, metavar="FILE.h5ad", help=data_help)
+    io.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    io.add_argument("--layer", default=None, help=layer_help)
+    return io
+
+
 #: subcommand modules (each defines ``add_parser(subparsers) -> None`` that sets ``func``)
 SUBCOMMANDS = ("pyro_vmm.cli.scrna", "pyro_vmm.cli.mapping", "pyro_vmm.cli.images")
 

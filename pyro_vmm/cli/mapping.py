@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import HelpFormatter
+from . import add_command, add_io_args
 from .scrna import (
     add_run_args,
     check_out,
@@ -53,7 +53,8 @@ N_NEIGHBORS = 15
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "map",
         help="map cells of new batches onto a model trained by 'pyro-vmm scrna' (scArches-style)",
         description=(
@@ -62,13 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the "
             "query model into --out."
         ),
-        formatter_class=HelpFormatter,
     )
-    io = p.add_argument_group("data and output")
+    io = add_io_args(
+        p, "query AnnData file with raw counts", "layer of the query file holding the raw counts (default: X)"
+    )
     io.add_argument("--reference", required=True, metavar="DIR", help="output folder of 'pyro-vmm scrna'")
-    io.add_argument("--data", required=True, metavar="FILE.h5ad", help="query AnnData file with raw counts")
-    io.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
-    io.add_argument("--layer", default=None, help="layer of the query file holding the raw counts (default: X)")
     io.add_argument("--labels-key", default=None,
                     help="obs column of the reference with cell types to transfer (scored if the query has it too)")
     io.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")

@@ -45,7 +45,7 @@ from typing import Any
 
 from pyro_vmm.defaults import DEFAULTS
 
-from . import HelpFormatter
+from . import add_command, add_io_args
 
 #: files and folders the command writes into --out
 OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv", "markers.png", "training.png",
@@ -53,7 +53,8 @@ OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "scrna",
         help="integrate batches and cluster cells of an .h5ad count matrix (scVI + VMM prior)",
         description=(
@@ -62,12 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "figure mde.png, the cluster composition figure clusters.png, the clusters' marker genes (markers.csv, "
             "markers.png), the training curves training.png and the saved model/ into --out."
         ),
-        formatter_class=HelpFormatter,
     )
-    io = p.add_argument_group("data and output")
-    io.add_argument("--data", required=True, metavar="FILE.h5ad", help="AnnData file with raw counts")
-    io.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
-    io.add_argument("--layer", default=None, help="layer holding the raw counts (default: X)")
+    io = add_io_args(p, "AnnData file with raw counts", "layer holding the raw counts (default: X)")
     io.add_argument("--batch-key", default=None, help="obs column with the batch (omit for a single batch)")
     io.add_argument("--labels-key", default=None, help="obs column with known cell types, used for evaluation only")
     io.add_argument(

@@ -224,16 +224,12 @@ def load_fashion_mnist(
 
 
 def load_image_dataset(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    split: str = "train",
-    subset: int | None = None,
-    seed: int = 0,
-    download: bool = True,
+    name: str, data_dir=None, split: str = "train", subset: int | None = None, seed: int = 0, **kwargs
 ) -> ImageData:
-    """Dispatch on ``name`` in :data:`DATASETS` (``digits`` ignores ``data_dir``, ``split`` and ``download``)."""
+    """Dispatch on ``name`` in :data:`DATASETS`; ``kwargs`` (``download``, ``verify``) go to :func:`load_idx_dataset`
+    (``digits`` ignores ``data_dir``, ``split`` and ``kwargs``)."""
     if name == "digits":
         return load_digits(subset, seed)
     if name in MD5:
-        return load_idx_dataset(name, data_dir, split, subset, seed, download=download)
+        return load_idx_dataset(name, data_dir, split, subset, seed, **kwargs)
     raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASETS)}")

@@ -1,6 +1,8 @@
 r"""Lightning training plan of VMM-scVI: the alternating VI / EM step of :class:`~pyro_vmm.infer.AlternatingSVI`.
 
-Per minibatch (manual optimisation, two torch Adam optimisers with disjoint parameters):
+Per minibatch (manual optimisation, two torch Adam optimisers with disjoint parameters),
+:meth:`AlternatingSVI.alternating_step <pyro_vmm.infer.AlternatingSVI.alternating_step>` with Lightning's
+``manual_backward``:
 
 1. VI step on the networks (and, for ``vampprior``, the pseudo-inputs): zero all gradients,
    ``loss = svi.vi_loss(*args)`` (batch mean of :math:`-\mathrm{ELBO}_n`), backward, VI Adam step;
@@ -10,7 +12,7 @@ Per minibatch (manual optimisation, two torch Adam optimisers with disjoint para
 
 Each loss is built with the other step's parameters frozen (``requires_grad=False``), so its backward pass leaves
 gradients on its own parameters only and neither optimiser sees the other loss's gradients; all gradients are set
-to ``None`` before the VI step and after the EM step.  The EM optimiser is stepped unwrapped, so
+to ``None`` before and after each step.  The EM optimiser is stepped unwrapped, so
 ``trainer.global_step`` counts minibatches (``max_steps`` means minibatches), not optimiser steps.  The two
 optimisers are ``AlternatingSVI.build_optimizers()``'s, rebuilt with ``fused=True`` (same update, one kernel; 4x
 cheaper on CPU) where torch supports it.
@@ -45,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..guard import NonFiniteGuard, guarded_step
-from ..infer import AlternatingSVI, sample_latent
+from ..infer import AlternatingSVI
 
 __all__ = ["VMMTrainingPlan", "ddp_strategy", "is_data_parallel"]
 
@@ -266,26 +268,16 @@ class VMMTrainingPlan(pl.LightningModule):
         args, kwargs = self.module._get_fn_args_from_batch(batch)
         n = int(args[0].shape[0])
         (vi_opt, *_), (_, *raw_rest) = self._optimizer_list()
-
-        # 1. VI step (networks; prior parameters fixed)
-        self.module.zero_grad(set_to_none=True)
-        vi_loss = self.svi.vi_loss(*args, kl_weight=self.kl_weight, **kwargs)
-        self.manual_backward(vi_loss)
-        vi_opt.step()
-        em_loss = assign = None
-
-        # 2. EM step (prior parameters; networks fixed), same minibatch, updated encoder
-        if raw_rest:
-            # no zero_grad here: the VI gradients sit on the networks only, which the EM graph treats as constants
-            # (frozen), and the EM parameters got none in the VI step (frozen there); the EM optimiser steps its own
-            em_opt = raw_rest[0]
-            z = sample_latent(self.module, *args, latent_site=self.svi.latent_site, **kwargs)
-            em_loss, assign = self.svi.em_loss_and_assignments_at(z, assignments=self.track_utilized_clusters)
-            self.manual_backward(em_loss)
-            em_opt.step()
-            em_loss = em_loss.detach()
-        self.module.zero_grad(set_to_none=True)
-        return n, vi_loss.detach(), em_loss, assign
+        vi_loss, em_loss, assign = self.svi.alternating_step(
+            vi_opt,
+            raw_rest[0] if raw_rest else None,
+            *args,
+            kl_weight=self.kl_weight,
+            backward=self.manual_backward,
+            assignments=self.track_utilized_clusters,
+            **kwargs,
+        )
+        return n, vi_loss, em_loss, assign
 
     def _accumulate(self, n: int, vi_loss: Tensor, em_loss: Tensor | None, assign: Tensor | None) -> None:
         self._elbo_sum = self._add(self._elbo_sum, vi_loss * n)

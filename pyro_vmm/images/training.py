@@ -1,4 +1,4 @@
-r"""Training loop and clustering evaluation for the image models (``models/vae.py``, ``models/vade.py``).
+r"""Training loop for the image models (``models/vae.py``, ``models/vade.py``).
 
 Training (:func:`train_image_model`): shuffled minibatches, one :class:`~pyro_vmm.AlternatingSVI` step per
 minibatch (VI step, then the EM step for the GMM/VMM), early stopping with best-weight restore on one of
@@ -8,8 +8,7 @@ minibatch (VI step, then the EM step for the GMM/VMM), early stopping with best-
   unmerged NMI between the validation images' labels and their argmax clusters under one posterior draw.  This
   uses the validation labels to pick the epoch (label leakage, as in the paper); report it as such.
 
-Evaluation (paper protocol): one posterior sample :math:`z_n \sim q(z \mid x_n)` per image (or the posterior mean),
-responsibilities :math:`q(c = k \mid z_n)` from the prior, then :func:`pyro_vmm.metrics.clustering_scores`.
+Evaluation: :mod:`pyro_vmm.images.evaluation`.
 """
 
 from __future__ import annotations
@@ -26,18 +25,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .guard import NonFiniteGuard, guarded_step
-from .infer import AlternatingSVI
-from .metrics import ClusteringScores, clustering_scores, nmi_unmerged
-from .utils import eval_mode, resolve_device, set_seed
+from ..guard import NonFiniteGuard, guarded_step
+from ..infer import AlternatingSVI
+from ..metrics import nmi_unmerged
+from ..utils import eval_mode, resolve_device, set_seed
+from .evaluation import _chunks, cluster_probabilities, latent_representation
 
 __all__ = [
     "TrainingConfig",
     "TrainingHistory",
-    "cluster_probabilities",
-    "evaluate_clustering",
     "fit_minibatches",
-    "latent_representation",
     "nmi_monitor",
     "split_validation",
     "train_image_model",
@@ -118,11 +115,6 @@ def split_validation(x: Tensor, val_fraction: float, seed: int) -> tuple[Tensor,
         raise ValueError(f"val_fraction={val_fraction} leaves no training images out of {x.shape[0]}")
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     return x[perm[n_val:]], x[perm[:n_val]]
-
-
-def _chunks(x: Tensor, size: int):
-    for i in range(0, x.shape[0], size):
-        yield x[i : i + size]
 
 
 def _mean_over_chunks(fn: Callable[[Tensor], float], x: Tensor, size: int) -> float:
@@ -409,53 +401,3 @@ def train_vade(
     )
     history.pretrain_loss = pre_history.train_loss
     return history
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# evaluation
-# ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def latent_representation(
-    module: torch.nn.Module, x: Tensor, *, sample: bool = True, batch_size: int = 2048, seed: int | None = None
-) -> Tensor:
-    """One draw :math:`z_n \\sim q(z \\mid x_n)` per image (``sample=True``, the paper's protocol) or the mean."""
-    device = next(module.parameters()).device
-    out = []
-    gen_state = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with gen_state, eval_mode(module):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for chunk in _chunks(x, batch_size):
-            q = module.posterior(chunk.to(device))
-            out.append(q.sample() if sample else q.mean)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def cluster_probabilities(
-    module: torch.nn.Module,
-    x: Tensor,
-    *,
-    sample: bool = True,
-    batch_size: int = 2048,
-    seed: int | None = None,
-) -> np.ndarray:
-    """Responsibilities :math:`q(c = k \\mid z_n)` (N, K) at ``z`` from :func:`latent_representation`."""
-    z = latent_representation(module, x, sample=sample, batch_size=batch_size, seed=seed)
-    with eval_mode(module):
-        probs = [module.prior.cluster_probs(chunk, module.pseudo_encoder) for chunk in _chunks(z, batch_size)]
-    return torch.cat(probs).cpu().numpy()
-
-
-def evaluate_clustering(
-    module: torch.nn.Module,
-    x: Tensor,
-    labels: Tensor | np.ndarray,
-    *,
-    sample: bool = True,
-    batch_size: int = 2048,
-    seed: int | None = 0,
-) -> ClusteringScores:
-    """:func:`pyro_vmm.metrics.clustering_scores` of the model's responsibilities on ``(x, labels)``."""
-    probs = cluster_probabilities(module, x, sample=sample, batch_size=batch_size, seed=seed)
-    return clustering_scores(probs, np.asarray(labels))

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .utils import eval_mode
+from ..utils import eval_mode
 
 __all__ = ["ElboSurgery", "aggregate_posterior_terms", "elbo_surgery", "gaussian_loc_scale_tril"]
 
