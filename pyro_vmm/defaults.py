@@ -71,6 +71,15 @@ def min_cluster_size(n_cells: int, recipe: Recipe = DEFAULTS) -> int:
     return max(recipe.min_cluster_cells, math.ceil(recipe.min_cluster_fraction * n_cells))
 
 
+def assign_to(probs: np.ndarray, components: np.ndarray | None = None) -> np.ndarray:
+    r""":math:`\arg\max_k q(c=k \mid z_n)` over ``components`` (all ``K`` when ``None``), as component indices."""
+    probs = np.asarray(probs)
+    if components is None:
+        return probs.argmax(axis=1).astype(np.int64)
+    components = np.asarray(components, dtype=np.int64)
+    return components[probs[:, components].argmax(axis=1)]
+
+
 def final_components(probs: np.ndarray, min_size: int) -> np.ndarray:
     r"""The mixture components reported as clusters, sorted: those that are :math:`\arg\max_k q(c=k \mid z_n)` for at
     least ``min_size`` of the cells in ``probs`` (N, K).
@@ -83,7 +92,7 @@ def final_components(probs: np.ndarray, min_size: int) -> np.ndarray:
         raise ValueError(f"probs must be (cells, components), got shape {probs.shape}")
     kept = np.ones(probs.shape[1], dtype=bool)
     while True:
-        assign = np.flatnonzero(kept)[probs[:, kept].argmax(axis=1)]
+        assign = assign_to(probs, np.flatnonzero(kept))
         sizes = np.bincount(assign, minlength=probs.shape[1])
         sizes[~kept] = np.iinfo(sizes.dtype).max
         empty = np.flatnonzero(sizes == 0)

@@ -216,9 +216,12 @@ def store_embedding(adata, model, on=None):
     import numpy as np
     import pandas as pd
 
+    from pyro_vmm.defaults import assign_to
+
     latent = model.get_latent_representation(on)
     probs = model.get_cluster_probabilities(on)
-    assign = model.get_cluster_assignments(on)  # the final clusters: near-empty components folded in
+    # the final clusters (as get_cluster_assignments, without a second pass over the cells): near-empty components folded in
+    assign = assign_to(probs, getattr(model, "cluster_components_", None))
     adata.obsm["X_vmm"] = latent.astype(np.float32)
     adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
     adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))

@@ -15,7 +15,7 @@ import torch
 from scipy import sparse as sp
 from scvi import REGISTRY_KEYS, settings
 
-from ..defaults import final_components, min_cluster_size
+from ..defaults import assign_to, final_components, min_cluster_size
 from ..infer import AlternatingSVI
 from ._backed import BackedMatrix
 from ._data import MAX_DENSE_BYTES, CountsDataset, MinibatchSampler, registered_arrays
@@ -131,11 +131,7 @@ class LatentMixin:
         near-empty component go to their most probable remaining one.  ``all_components=True``: the argmax over
         all ``K`` components.  Labels are component indices (columns of :meth:`get_cluster_probabilities`)."""
         probs = self.get_cluster_probabilities(adata, indices, batch_size=batch_size)
-        kept = getattr(self, "cluster_components_", None)
-        if all_components or kept is None:
-            return probs.argmax(axis=1).astype(np.int64)
-        kept = np.asarray(kept, dtype=np.int64)
-        return kept[probs[:, kept].argmax(axis=1)]
+        return assign_to(probs, None if all_components else getattr(self, "cluster_components_", None))
 
     def n_utilized_clusters(self, adata=None) -> int:
         """Number of distinct cluster assignments over the cells of ``adata``."""
