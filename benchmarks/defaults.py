@@ -4,7 +4,7 @@ Per data set and seed, one preprocessing for all methods (genes and cells with <
 genes, batch-aware on multi-batch sets), then
 
 - ``VMM``: ``VMMSCVI(adata, seed=s).train(seed=s)`` (the recipe of ``pyro_vmm/defaults.py``), its own clusters
-  (``get_cluster_assignments``);
+  (``get_cluster_assignments``: near-empty components folded in, then components merged by ICL);
 - ``SCVI``: ``scvi.model.SCVI(adata, n_latent=10).train()`` (scvi-tools 1.4.2 defaults: 400-epoch heuristic, KL
   warm-up, encoder without the batch), ``scvi.settings.seed = s``, Leiden (resolution 1, igraph) on its latent;
 - ``PCA``: 50 principal components of log-normalised counts, Leiden (resolution 1) on them.
@@ -52,7 +52,9 @@ def preprocess(name: str, data_dir: Path):
     return adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
 
 
-def run_one(name: str, seed: int, data_dir: Path, max_epochs: int | None = None) -> dict:
+def run_one(name: str, seed: int, data_dir: Path, max_epochs: int | None = None, threads: int | None = None) -> dict:
+    """One data set, one seed: VMM, SCVI and PCA on the same preprocessed cells.  ``threads`` is set right before each
+    training (a library may change torch's thread count on import or load) and the count each ran with is recorded."""
     import scvi
     import torch
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -68,22 +70,27 @@ def run_one(name: str, seed: int, data_dir: Path, max_epochs: int | None = None)
 
     vmm_data = adata.copy()
     VMMSCVI.setup_anndata(vmm_data, batch_key="batch")
+    _set_threads(threads)
     t = time.perf_counter()
     vmm = VMMSCVI(vmm_data, seed=seed)
     vmm.train(max_epochs=max_epochs, seed=seed, enable_progress_bar=False)
     vmm_s = time.perf_counter() - t
+    out["vmm_threads"] = torch.get_num_threads()
     adata.obsm["X_vmm"] = vmm.get_latent_representation()
     clusters["VMM"] = vmm.get_cluster_assignments()
     out["vmm_all_components"] = int(np.unique(vmm.get_cluster_assignments(all_components=True)).size)
+    out["vmm_kept_components"] = int((vmm.cluster_of_component_ >= 0).sum())  # before the ICL merge
     out["vmm_epochs"] = int(len(vmm.history["elbo_train"]))
 
     scvi_data = adata.copy()
     scvi.settings.seed = seed
     scvi.model.SCVI.setup_anndata(scvi_data, batch_key="batch")
+    _set_threads(threads)
     t = time.perf_counter()
     ref = scvi.model.SCVI(scvi_data, n_latent=10)
     ref.train(max_epochs=max_epochs, enable_progress_bar=False)
     scvi_s = time.perf_counter() - t
+    out["scvi_threads"] = torch.get_num_threads()
     adata.obsm["X_scvi"] = ref.get_latent_representation()
     clusters["SCVI"] = leiden_clusters(adata.obsm["X_scvi"], resolution=1.0, seed=seed)
 
@@ -105,8 +112,14 @@ def run_one(name: str, seed: int, data_dir: Path, max_epochs: int | None = None)
             **{k: (None if not np.isfinite(row[k]) else float(row[k]))
                for k in ("Batch correction", "Bio conservation", "Total")},
         }
-    out["torch_threads"] = torch.get_num_threads()
     return out
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def mean(runs: list[dict], method: str, key: str) -> float:
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         for seed in args.seeds:
             t = time.perf_counter()
-            result = run_one(name, seed, Path(args.data_dir), args.max_epochs)
+            result = run_one(name, seed, Path(args.data_dir), args.max_epochs, args.threads)
             result["wall_s"] = time.perf_counter() - t
             record["runs"].append(result)
             by_set.setdefault(name, []).append(result)

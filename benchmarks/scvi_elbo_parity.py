@@ -88,6 +88,7 @@ def run_ours(adata, epochs: int, seed: int, mc_samples: int, prior: str = "norma
         lr=1e-3,
         train_size=0.9,
         early_stopping=False,
+        check_val_every_n_epoch=1,
         enable_progress_bar=False,
         seed=seed,
     )

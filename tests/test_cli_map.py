@@ -45,9 +45,12 @@ def test_map_writes_query_latent_clusters_and_transferred_labels(reference_and_q
     z, probs = query.obsm["X_vmm"], query.obsm["vmm_cluster_probs"]
     assert z.shape == (150, 4) and np.isfinite(z).all()
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
-    # the query cells get the reference's final clusters: the argmax of q(c|z) over the reference's kept components
-    kept = np.unique(reference.obs["vmm_cluster"].astype(int))
-    np.testing.assert_array_equal(query.obs["vmm_cluster"].astype(int).to_numpy(), kept[probs[:, kept].argmax(1)])
+    # the query cells get the reference's final clusters: the argmax of q(c|z) over the reference's kept components,
+    # mapped to the reference's clusters
+    cluster_of = np.asarray(reference.uns["vmm_cluster_of_component"])
+    np.testing.assert_array_equal(query.uns["vmm_cluster_of_component"], cluster_of)
+    kept = np.flatnonzero(cluster_of >= 0)
+    np.testing.assert_array_equal(query.obs["vmm_cluster"].astype(int).to_numpy(), cluster_of[kept[probs[:, kept].argmax(1)]])
     predicted = query.obs["predicted_cell_type"].astype(str).to_numpy()
     accuracy = (predicted == query.obs["cell_type"].astype(str).to_numpy()).mean()
     assert accuracy > 0.8

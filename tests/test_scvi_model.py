@@ -282,7 +282,12 @@ def test_train_latent_clusters_save_load_roundtrip(trained_vmm, tmp_path, monkey
     assign = model.get_cluster_assignments()
     assert z.shape == (n, 4) and probs.shape == (n, 8) and assign.shape == (n,)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(assign, probs.argmax(1))
+    np.testing.assert_array_equal(model.get_cluster_assignments(all_components=True), probs.argmax(1))
+    # the final clusters: each cell's most probable kept component, mapped to its (merged) cluster 0, 1, ...
+    cluster_of = model.cluster_of_component_
+    kept = np.flatnonzero(cluster_of >= 0)
+    np.testing.assert_array_equal(assign, cluster_of[kept[probs[:, kept].argmax(1)]])
+    assert sorted(np.unique(assign)) == list(range(cluster_of.max() + 1))
     assert 1 <= model.n_utilized_clusters() == len(np.unique(assign)) <= 8
     hist = model.history
     for key in ("elbo_train", "elbo_validation", "em_loss_train", "utilized_clusters_validation"):
@@ -341,7 +346,7 @@ def test_give_mean_false_draws_differ_and_average_to_the_mean(trained_vmm):
     assert np.abs(averaged - by_hand).max() < 0.15 and np.abs(averaged - by_hand).mean() < 0.01
     np.testing.assert_allclose(averaged.sum(1), 1.0, atol=1e-5)
     assert not np.allclose(averaged, at_mean, atol=1e-3)
-    np.testing.assert_array_equal(model.get_cluster_assignments(), at_mean.argmax(1))
+    np.testing.assert_array_equal(model.get_cluster_assignments(), model.clusters_from_probabilities(at_mean))
 
 
 @pytest.mark.parametrize("prior", ["normal", "vampprior", "gmm"])

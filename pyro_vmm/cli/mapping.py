@@ -36,15 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from . import add_command, add_io_args
-from .scrna import (
-    add_run_args,
-    check_out,
-    environment,
-    json_safe,
-    last_value,
-    staged,
-    store_embedding,
-)
+from ..outputs import environment, json_safe, last_value, staged, store_embedding
+from .scrna import add_run_args, check_out
 
 #: files and folders the command writes into --out
 OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "training.png", "model")

@@ -7,8 +7,9 @@ Steps: read raw counts (``X`` or ``--layer``) -> seurat_v3 highly variable genes
 
 - ``adata.h5ad``: the input cells on the model's genes (it loads as is: ``VMMSCVI.load("DIR/model",
   adata=anndata.read_h5ad("DIR/adata.h5ad"))``), all genes kept in ``.raw`` (``raw.var["highly_variable"]`` marks
-  the genes used), with ``obsm["X_vmm"]`` (posterior means E_q[z|x]), ``obs["vmm_cluster"]`` (argmax_k q(c=k|z)) and
-  ``obsm["vmm_cluster_probs"]`` (q(c|z), N x K);
+  the genes used), with ``obsm["X_vmm"]`` (posterior means E_q[z|x]), ``obs["vmm_cluster"]`` (the final clusters,
+  :meth:`VMMSCVI.get_cluster_assignments`), ``obsm["vmm_cluster_probs"]`` (q(c|z), N x K) and
+  ``uns["vmm_cluster_of_component"]`` (the cluster of each of the K components, -1 for one not reported);
 - ``metrics.json``: settings, data sizes, utilized clusters, clustering metrics vs ``--labels-key`` (when given),
   final training/validation ELBOs, runtime, and scIB metrics of the latent and of an unintegrated PCA (unless
   ``--no-scib``);
@@ -29,21 +30,18 @@ one of them is complete, so a failed run leaves no partial output behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pyro_vmm.defaults import DEFAULTS
+from pyro_vmm.outputs import environment, json_safe, last_value, on_model_genes, staged, store_embedding
 
 from . import add_command, add_io_args
 
@@ -149,101 +147,6 @@ def check_out(out: str, outputs: tuple[str, ...], overwrite: bool) -> None:
             f"--out {out!r} already holds {', '.join(present)}; pass --overwrite to replace them or choose "
             "another folder"
         )
-
-
-def json_safe(value: Any) -> Any:
-    """Floats NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def last_value(history: dict, key: str) -> float | None:
-    frame = history.get(key)
-    if frame is None or len(frame) == 0:
-        return None
-    return float(frame.iloc[-1, 0])
-
-
-def publish(staging: Path, out: Path, outputs: tuple[str, ...] = OUTPUTS) -> None:
-    """Move every finished output from ``staging`` into ``out`` (replacing old ones); an output of an earlier run
-    that this run does not write (``mde.png`` under ``--no-mde``, say) is removed, so ``out`` holds one run."""
-    stale = [out / name for name in outputs if not (staging / name).exists() and (out / name).exists()]
-    for name in outputs:
-        src = staging / name
-        if not src.exists():
-            continue
-        dst = out / name
-        if dst.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out))
-            os.replace(dst, old / name)
-            os.replace(src, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)
-    for path in stale:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-@contextlib.contextmanager
-def staged(out: Path, outputs: tuple[str, ...]) -> Iterator[Path]:
-    """A staging folder inside ``out`` to write outputs into; on success they are published together
-    (:func:`publish`), and the staging folder is removed either way, so a failed run leaves no partial output."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        yield staging
-        publish(staging, out, outputs)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def store_embedding(adata, model, on=None):
-    """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``)
-    and the final clusters (``obs["vmm_cluster"]``, :meth:`VMMSCVI.get_cluster_assignments`) of the cells of ``on`` (default: the model's AnnData) into ``adata``;
-    returns (latent, probs, assignments)."""
-    import numpy as np
-    import pandas as pd
-
-    from pyro_vmm.defaults import assign_to
-
-    latent = model.get_latent_representation(on)
-    probs = model.get_cluster_probabilities(on)
-    # the final clusters (as get_cluster_assignments, without a second pass over the cells): near-empty components folded in
-    assign = assign_to(probs, getattr(model, "cluster_components_", None))
-    adata.obsm["X_vmm"] = latent.astype(np.float32)
-    adata.obsm["vmm_cluster_probs"] = probs.astype(np.float32)
-    adata.obs["vmm_cluster"] = pd.Categorical(assign.astype(str), categories=sorted(set(assign.astype(str)), key=int))
-    return latent, probs, assign
-
-
-def on_model_genes(adata, genes):
-    """``adata`` on the model's ``genes`` (so ``VMMSCVI.load(DIR/"model", adata=read_h5ad(DIR/"adata.h5ad"))``
-    works as is), with every gene of the input kept in ``.raw`` (scanpy's place for the full gene set)."""
-    if list(adata.var_names) == list(genes):
-        return adata
-    out = adata[:, list(genes)].copy()
-    out.raw = adata
-    return out
-
-
-def environment(model) -> dict[str, Any]:
-    """Python and torch versions, the model's device and torch's thread count, for ``metrics.json``."""
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "device": str(model.module.device),
-            "torch_threads": torch.get_num_threads()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -352,10 +255,8 @@ def run(args: argparse.Namespace) -> int:
         from pyro_vmm.evaluation import clustering_scores
 
         labels = adata.obs[args.labels_key].astype(str).to_numpy()
-        kept = np.unique(assign)  # score the final clusters: q(c|z) renormalised over the kept components
-        final_probs = np.zeros_like(probs)
-        final_probs[:, kept] = probs[:, kept] / probs[:, kept].sum(1, keepdims=True)
-        metrics["clustering"] = clustering_scores(final_probs, labels).to_dict()
+        # score the final clusters (one-hot, so the scores' argmax is the reported cluster of each cell)
+        metrics["clustering"] = clustering_scores(np.eye(int(assign.max()) + 1)[assign], labels).to_dict()
         if not args.no_scib:
             from pyro_vmm.evaluation import ScibConfig, pca_embedding, scib_table
 

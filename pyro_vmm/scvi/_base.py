@@ -171,8 +171,8 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         train_size, validation_size
             Split as scvi-tools' ``DataSplitter`` (permutation seeded by ``scvi.settings.seed``).
         early_stopping, early_stopping_patience
-            Stop when ``elbo_validation`` has not improved for this many epochs (the paper used 100; off by
-            default, as in ``SCVI.train()``).
+            Stop when ``elbo_validation`` (then logged every epoch, else every ``max_epochs // 10``) has not
+            improved for this many epochs (the paper used 100; off by default, as in ``SCVI.train()``).
         n_epochs_kl_warmup
             Epochs of linear KL warm-up (``"auto"``: all of ``max_epochs``, as ``SCVI`` at its defaults; ``None``:
             none, the paper's loss throughout).
@@ -273,8 +273,9 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         trainer_kwargs.setdefault("early_stopping", early_stopping)
         trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("enable_progress_bar", enable_progress_bar)
-        if splitter.n_val > 0:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if splitter.n_val > 0:  # every epoch to stop early; else ten times a run (SCVI, without stopping: never)
+            every = 1 if early_stopping else max(1, max_epochs // DEFAULTS.validations_per_run)
+            trainer_kwargs.setdefault("check_val_every_n_epoch", every)
         # scvi-tools leaves the module in eval mode after training or loading, and Lightning (>= 2.2) keeps the
         # modes it finds: without this a second train() call (or training a loaded model) would run with
         # BatchNorm on its running statistics and dropout off

@@ -16,6 +16,7 @@ from scipy import sparse as sp
 from scvi import REGISTRY_KEYS, settings
 
 from ..defaults import assign_to, final_components, min_cluster_size
+from ..merging import merge_components
 from ..infer import AlternatingSVI
 from ._backed import BackedMatrix
 from ._data import MAX_DENSE_BYTES, CountsDataset, MinibatchSampler, registered_arrays
@@ -110,13 +111,33 @@ class LatentMixin:
         )
 
     def _set_cluster_components(self) -> None:
-        """After training: the components reported as clusters (``cluster_components_``), those that are the most
-        probable component of at least :func:`~pyro_vmm.defaults.min_cluster_size` training cells (see
-        :func:`~pyro_vmm.defaults.final_components`).  A query model keeps its reference's."""
+        """After training, fix the clusters (``cluster_of_component_``, the cluster of each of the ``K`` components,
+        ``-1`` for one that is not reported) in two label-free steps over the training cells:
+
+        1. components that are the most probable one for fewer than :func:`~pyro_vmm.defaults.min_cluster_size`
+           cells are dropped, their cells going to their most probable remaining component
+           (:func:`~pyro_vmm.defaults.final_components`);
+        2. the kept components are merged into clusters by the integrated completed likelihood of the latent means
+           (:func:`~pyro_vmm.merging.merge_components`): several Gaussian components that cover one blob of the
+           latent space are one cluster.
+
+        A query model keeps its reference's clusters."""
         if self.module.prior.n_components < 2 or self.module.frozen_prior:
             return
         probs = self.get_cluster_probabilities()
-        self.cluster_components_ = final_components(probs, min_cluster_size(probs.shape[0]))
+        kept = final_components(probs, min_cluster_size(probs.shape[0]))
+        latent = self.get_latent_representation()
+        self.cluster_of_component_ = merge_components(latent, assign_to(probs, kept), probs.shape[1])
+
+    def clusters_from_probabilities(self, probs: np.ndarray, all_components: bool = False) -> np.ndarray:
+        """Clusters from :meth:`get_cluster_probabilities`: the most probable of the reported components, mapped to
+        its cluster (``cluster_of_component_``, clusters numbered ``0, 1, ...`` by size in the training data);
+        ``all_components=True`` (or a model trained before clusters were fixed): the argmax over all ``K``
+        components, as component indices."""
+        cluster_of = getattr(self, "cluster_of_component_", None)
+        if all_components or cluster_of is None:
+            return assign_to(probs)
+        return cluster_of[assign_to(probs, np.flatnonzero(cluster_of >= 0))]
 
     def get_cluster_assignments(
         self,
@@ -126,12 +147,12 @@ class LatentMixin:
         all_components: bool = False,
     ) -> np.ndarray:
         """The cluster of each cell, shape ``(n_cells,)``: :math:`\\arg\\max_k q(c = k \\mid z)` at the posterior mean
-        z over the components reported as clusters (``cluster_components_``: those that were the most probable
-        component of at least :func:`~pyro_vmm.defaults.min_cluster_size` training cells), so the cells of a
-        near-empty component go to their most probable remaining one.  ``all_components=True``: the argmax over
-        all ``K`` components.  Labels are component indices (columns of :meth:`get_cluster_probabilities`)."""
+        z over the reported components, mapped to their clusters (see :meth:`_set_cluster_components`: near-empty
+        components folded into their neighbours, components that cover one blob merged), numbered ``0, 1, ...`` by
+        size.  ``all_components=True``: the argmax over all ``K`` components, as component indices (columns of
+        :meth:`get_cluster_probabilities`)."""
         probs = self.get_cluster_probabilities(adata, indices, batch_size=batch_size)
-        return assign_to(probs, None if all_components else getattr(self, "cluster_components_", None))
+        return self.clusters_from_probabilities(probs, all_components)
 
     def n_utilized_clusters(self, adata=None) -> int:
         """Number of distinct cluster assignments over the cells of ``adata``."""

@@ -258,7 +258,7 @@ def load_query_data(
             raise RuntimeError(f"cannot map parameter {key!r} from shape {tuple(old.shape)} to {tuple(value.shape)}")
     module.load_state_dict(state)
     model.reference_batches_ = ref_batches
-    model.cluster_components_ = getattr(reference_model, "cluster_components_", None)  # the reference's clusters
+    model.cluster_of_component_ = getattr(reference_model, "cluster_of_component_", None)  # the reference's clusters
     model.query_freeze_batchnorm_ = bool(freeze_batchnorm)
     model.query_train_encoder_ = bool(module.prior.name == "normal" if train_encoder is None else train_encoder)
     freeze_for_query(model)
