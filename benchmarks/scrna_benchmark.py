@@ -299,19 +299,11 @@ def format_table(summary) -> str:
 
 
 def write(path: Path, payload: dict) -> None:
+    from pyro_vmm.outputs import json_safe
     from pyro_vmm.utils import atomic_path
 
-    def clean(v):
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, np.generic):
-            v = v.item()
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
 def report(summary, rows, note: str) -> None:

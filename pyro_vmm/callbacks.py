@@ -38,11 +38,12 @@ class EpochTimer(pl.Callback):
 
 class EpochProgressBar(ProgressBar):
     """scvi-tools' per-epoch progress bar, its postfix the last finished epoch's ``train_loss`` (−ELBO per cell) and
-    ``clusters`` (utilized clusters on the validation cells, else on the training cells) instead of ``v_num``."""
+    ``clusters`` (components in use on the epoch's training cells, else on the validation cells) instead of
+    ``v_num``."""
 
     #: logged metric -> name on the bar; the first one logged wins for each name
-    SHOWN = (("elbo_train", "train_loss"), ("utilized_clusters_validation", "clusters"),
-             ("utilized_clusters_train", "clusters"))
+    SHOWN = (("elbo_train", "train_loss"), ("utilized_clusters_train", "clusters"),
+             ("utilized_clusters_validation", "clusters"))
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         logged = trainer.callback_metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -166,7 +167,9 @@ def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp
 
     data = tmp_path / "kang_small.h5ad"
     kang_subset(shared_data / "scrna" / "kang_ifnb_2800.h5ad", n_cells=300, n_genes=300).write_h5ad(data)
-    args = [a for a in _args(data, tmp_path / "run", "--no-markers", "--no-mde") if a != "--no-progress"]
+    # 25 epochs: the validation ELBO every 2nd epoch, the clusters on the bar every epoch (from the training cells)
+    args = [a for a in _args(data, tmp_path / "run", "--no-markers", "--no-mde", "--max-epochs", "25")
+            if a != "--no-progress"]
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # show every warning once, as a plain run would
     done = subprocess.run([sys.executable, "-m", "pyro_vmm", *args], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -175,6 +178,7 @@ def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp
     assert noisy == []
     terminal = (done.stdout + done.stderr).replace("\r", "\n")
     assert "train_loss=" in terminal and "clusters=" in terminal and "v_num" not in terminal
+    assert re.search(r"Epoch 2/25[^\n]*train_loss=[^\n]*clusters=", terminal)  # after the first epoch already
 
 
 @pytest.mark.parametrize("command", ["scrna", "map", "images", "images-sweep"])

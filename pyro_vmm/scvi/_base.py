@@ -249,9 +249,9 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
                 "set train_size < 1 (e.g. 0.9) or early_stopping=False"
             )
         plan_kwargs = {
-            "nan_guard": nan_guard,
-            "max_nan_retries": max_nan_retries,
+            "nan_guard": nan_guard, "max_nan_retries": max_nan_retries,
             "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "track_utilized_clusters": enable_progress_bar,  # the bar's clusters every epoch, from the EM step's pass
             **(plan_kwargs or {}),
         }
         plan = self._training_plan_cls(self.module, lr=lr, prior_lr_ratio=prior_lr_ratio, **plan_kwargs)
