@@ -13,10 +13,13 @@ from scvi.module.base import PyroBaseModuleClass
 from scvi.nn import FCLayers
 from torch import Tensor, nn
 
-__all__ = ["NONZERO_KEY", "CountsModule", "check_choice", "check_pseudo_inputs", "gaussian_encoder"]
+__all__ = ["DECODER_NORM", "NONZERO_KEY", "CountsModule", "check_choice", "check_pseudo_inputs", "gaussian_encoder"]
 
 #: minibatch key of the ``(2, nnz)`` row / column positions of the non-zero counts (row-major order)
 NONZERO_KEY = "nonzero"
+#: the normalisation of scvi-tools' count decoders at SCVI's and TOTALVI's defaults (batch norm, no layer norm,
+#: softmax expression frequencies)
+DECODER_NORM = {"use_batch_norm": True, "use_layer_norm": False, "scale_activation": "softmax"}
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -68,7 +71,8 @@ def check_pseudo_inputs(
 
 
 class CountsModule(PyroBaseModuleClass):
-    """scvi-tools glue shared by the count models: the device, ``on_load`` and the minibatch's non-zero positions."""
+    r"""scvi-tools glue shared by the count models: the device, ``on_load``, the minibatch's non-zero positions and
+    :math:`q(c \mid z)` under a cell's posterior."""
 
     #: True for a query model (:mod:`pyro_vmm.scvi._query`): the prior stays as the reference left it, no EM step
     frozen_prior: bool = False
@@ -89,3 +93,22 @@ class CountsModule(PyroBaseModuleClass):
     def on_load(self, model, **kwargs) -> None:
         """Nothing to materialise: every parameter is in ``state_dict`` (no training step, unlike scvi-tools)."""
         pyro.clear_param_store()
+
+    def _posterior_cluster_probs(
+        self, q: torch.distributions.Distribution, give_mean: bool, mc_samples: int, rows_per_pass: int = 16384
+    ) -> Tensor:
+        r""":math:`q(c \mid z)`, ``(B, K)``, at the mean of the posterior ``q`` (batch ``(B,)``, event ``(D,)``) when
+        ``give_mean``, else averaged over ``mc_samples`` draws :math:`z \sim q`, ``rows_per_pass`` cell-draws at a
+        time."""
+        if give_mean:
+            return self.prior.cluster_probs(q.mean, self.pseudo_posterior)
+        if int(mc_samples) < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        b, d = q.mean.shape
+        per_pass = max(1, rows_per_pass // max(b, 1))
+        total = 0.0
+        for start in range(0, int(mc_samples), per_pass):
+            s = min(per_pass, int(mc_samples) - start)
+            z = q.sample((s,)).reshape(s * b, d)
+            total = total + self.prior.cluster_probs(z, self.pseudo_posterior).reshape(s, b, -1).sum(0)
+        return total / int(mc_samples)

@@ -68,7 +68,9 @@ from scvi import REGISTRY_KEYS
 from scvi.nn import DecoderSCVI
 from torch import Tensor, nn
 
-from pyro_vmm.models._layers import NONZERO_KEY, CountsModule, check_choice, check_pseudo_inputs, gaussian_encoder
+from pyro_vmm.models._layers import (
+    DECODER_NORM, NONZERO_KEY, CountsModule, check_choice, check_pseudo_inputs, gaussian_encoder,
+)
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode, inverse_softplus
 
@@ -336,15 +338,9 @@ class VMMSCVIModule(CountsModule):
         self,
         n_input: int,
         n_batch: int,
-        n_latent: int = 10,
-        n_hidden: int = 128,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
+        n_latent: int = 10, n_hidden: int = 128, n_layers: int = 1, dropout_rate: float = 0.1,
         gene_likelihood: GeneLikelihood = "zinb",
-        prior: str = "vmm",
-        n_clusters: int = 100,
-        pseudo_inputs: Tensor | None = None,
-        inference: str = "map-dp",
+        prior: str = "vmm", n_clusters: int = 100, pseudo_inputs: Tensor | None = None, inference: str = "map-dp",
         var_activation: VarActivation = "exp",
         pseudo_input_shift: float = 0.0,
         encode_covariates: bool = False,
@@ -392,9 +388,7 @@ class VMMSCVIModule(CountsModule):
             n_layers=n_layers,
             n_hidden=n_hidden,
             inject_covariates=False,
-            use_batch_norm=True,
-            use_layer_norm=False,
-            scale_activation="softmax",
+            **DECODER_NORM,
         )
         #: log inverse dispersion, theta_g = exp(px_r_g), initialised to theta = 1 (the reference's Exp bijector)
         self.px_r = nn.Parameter(torch.zeros(self.n_input))
@@ -527,8 +521,7 @@ class VMMSCVIModule(CountsModule):
     # ------------------------------------------------------------------------------------------- Pyro programs
     def model(
         self,
-        x: Tensor,
-        batch_index: Tensor,
+        x: Tensor, batch_index: Tensor,
         nonzero: tuple[Tensor, Tensor] | None = None,
         cat_covs: Tensor | None = None,
         cont_covs: Tensor | None = None,
@@ -583,8 +576,7 @@ class VMMSCVIModule(CountsModule):
     @torch.no_grad()
     def cluster_probs(
         self,
-        x: Tensor,
-        batch_index: Tensor,
+        x: Tensor, batch_index: Tensor,
         give_mean: bool = True,
         mc_samples: int = 100,
         rows_per_pass: int = 16384,
@@ -594,18 +586,7 @@ class VMMSCVIModule(CountsModule):
         averaged over ``mc_samples`` draws :math:`z \\sim q(z \\mid x, s)`, ``rows_per_pass`` cell-draws at a time."""
         with eval_mode(self):
             q = self._encode(x, batch_index, covs)
-            if give_mean:
-                return self.prior.cluster_probs(q.mean, self.pseudo_posterior)
-            if int(mc_samples) < 1:
-                raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-            b, d = q.mean.shape
-            per_pass = max(1, rows_per_pass // max(b, 1))
-            total = 0.0
-            for start in range(0, int(mc_samples), per_pass):
-                s = min(per_pass, int(mc_samples) - start)
-                z = q.sample((s,)).reshape(s * b, d)
-                total = total + self.prior.cluster_probs(z, self.pseudo_posterior).reshape(s, b, -1).sum(0)
-            return total / int(mc_samples)
+            return self._posterior_cluster_probs(q, give_mean, mc_samples, rows_per_pass)
 
     @staticmethod
     def _repeat_covs(covs: dict, n_samples: int) -> dict:
@@ -615,10 +596,8 @@ class VMMSCVIModule(CountsModule):
     @torch.no_grad()
     def normalized_expression(
         self,
-        x: Tensor,
-        batch_index: Tensor,
-        n_samples: int = 1,
-        batch_codes: tuple[int | None, ...] = (None,),
+        x: Tensor, batch_index: Tensor,
+        n_samples: int = 1, batch_codes: tuple[int | None, ...] = (None,),
         **covs: Tensor | None,
     ) -> Tensor:
         r"""Decoded expression frequencies :math:`\rho = \operatorname{softmax} f_\theta(z, s', k, c)`, :math:`z \sim

@@ -66,7 +66,9 @@ from scvi.nn import DecoderTOTALVI
 from torch import Tensor, nn
 
 from pyro_vmm.distributions import ProteinCounts
-from pyro_vmm.models._layers import CountsModule, check_choice, check_pseudo_inputs, gaussian_encoder
+from pyro_vmm.models._layers import (
+    DECODER_NORM, CountsModule, check_choice, check_pseudo_inputs, gaussian_encoder,
+)
 from pyro_vmm.models.scvi import VAR_EPS, GeneCounts, GeneLikelihood, counts_to_pseudo_inputs
 from pyro_vmm.priors import build_prior
 from pyro_vmm.utils import eval_mode
@@ -151,17 +153,11 @@ class VMMTOTALVIModule(CountsModule):
         n_input_genes: int,
         n_input_proteins: int,
         n_batch: int = 1,
-        n_latent: int = 20,
-        n_hidden: int = 256,
-        n_layers_encoder: int = 2,
-        n_layers_decoder: int = 1,
-        dropout_rate_encoder: float = 0.2,
-        dropout_rate_decoder: float = 0.2,
+        n_latent: int = 20, n_hidden: int = 256,
+        n_layers_encoder: int = 2, n_layers_decoder: int = 1,
+        dropout_rate_encoder: float = 0.2, dropout_rate_decoder: float = 0.2,
         gene_likelihood: GeneLikelihood = "nb",
-        prior: str = "vmm",
-        n_clusters: int = 100,
-        pseudo_inputs: Tensor | None = None,
-        inference: str = "map-dp",
+        prior: str = "vmm", n_clusters: int = 100, pseudo_inputs: Tensor | None = None, inference: str = "map-dp",
         protein_background_prior_mean: np.ndarray | Tensor | None = None,
         protein_background_prior_scale: np.ndarray | Tensor | None = None,
         encode_covariates: bool = True,
@@ -197,9 +193,7 @@ class VMMTOTALVIModule(CountsModule):
             n_layers=n_layers_decoder,
             n_hidden=n_hidden,
             dropout_rate=dropout_rate_decoder,
-            use_batch_norm=True,
-            use_layer_norm=False,
-            scale_activation="softmax",
+            **DECODER_NORM,
         )
         if foreground_activation == "softplus":
             self.decoder.py_fore_scale_decoder.fc_layers[0][3] = nn.Softplus()
@@ -363,14 +357,7 @@ class VMMTOTALVIModule(CountsModule):
         r""":math:`q(c \mid z)`, ``(B, K)`` (networks in eval mode): at the posterior mean :math:`z` (``give_mean``),
         or averaged over ``mc_samples`` draws :math:`z \sim q(z \mid x, y, s)`."""
         with eval_mode(self):
-            q = self.encode(x, batch_index, y)
-            if give_mean:
-                return self.prior.cluster_probs(q.mean, self.pseudo_posterior)
-            if int(mc_samples) < 1:
-                raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-            z = q.sample((int(mc_samples),))  # (S, B, D)
-            probs = self.prior.cluster_probs(z.reshape(-1, z.shape[-1]), self.pseudo_posterior)
-            return probs.reshape(*z.shape[:2], -1).mean(0)
+            return self._posterior_cluster_probs(self.encode(x, batch_index, y), give_mean, mc_samples)
 
     def _draws(
         self, x: Tensor, batch_index: Tensor, y: Tensor, n_samples: int
@@ -437,10 +424,8 @@ class VMMTOTALVIModule(CountsModule):
     @torch.no_grad()
     def normalized_expression(
         self,
-        x: Tensor,
-        batch_index: Tensor,
-        n_samples: int = 1,
-        batch_codes: tuple[int | None, ...] = (None,),
+        x: Tensor, batch_index: Tensor,
+        n_samples: int = 1, batch_codes: tuple[int | None, ...] = (None,),
         *,
         y: Tensor,
         include_protein_background: bool = False,

@@ -28,9 +28,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_command(
-    subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str, outputs: Sequence[str] = ()
 ) -> argparse.ArgumentParser:
-    """The parser of subcommand ``name`` (one line in ``pyro-vmm --help``, ``description`` in its own)."""
+    """The parser of subcommand ``name``: ``help`` is its line in ``pyro-vmm --help``; its own help shows
+    ``description`` and the ``outputs`` it writes into ``--out``."""
+    if outputs:
+        description = f"{description} Writes into --out: {', '.join(outputs)}."
     return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
 
 

@@ -47,15 +47,10 @@ N_NEIGHBORS = 15
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
-        subparsers,
-        "map",
-        help="map cells of new batches onto a model trained by 'pyro-vmm scrna' (scArches-style)",
-        description=(
-            "Reference mapping: train only the new batches' weights of a saved VMM-scVI on the query cells, then "
-            "write the query AnnData with the latent, the reference's clusters and (with --labels-key) labels "
-            "transferred from the reference cells, metrics.json, a joint MDE figure, the training curves and the "
-            "query model into --out."
-        ),
+        subparsers, "map", "map cells of new batches onto a model trained by 'pyro-vmm scrna' (scArches-style)",
+        "Reference mapping: train only the new batches' weights of a saved VMM-scVI on the query cells; they get the "
+        "latent, the reference's clusters and (with --labels-key) labels transferred from the reference cells.",
+        OUTPUTS,
     )
     io = add_io_args(
         p, "query AnnData file with raw counts", "layer of the query file holding the raw counts (default: X)"

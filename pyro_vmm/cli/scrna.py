@@ -52,15 +52,9 @@ OUTPUTS = ("adata.h5ad", "metrics.json", "mde.png", "clusters.png", "markers.csv
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
-        subparsers,
-        "scrna",
-        help="integrate batches and cluster cells of an .h5ad count matrix (scVI + VMM prior)",
-        description=(
-            "Train scVI with a VampPrior Mixture prior on raw counts, then write the AnnData with the latent "
-            "(obsm['X_vmm']), the clusters (obs['vmm_cluster'], obsm['vmm_cluster_probs']), metrics.json, the MDE "
-            "figure mde.png, the cluster composition figure clusters.png, the clusters' marker genes (markers.csv, "
-            "markers.png), the training curves training.png and the saved model/ into --out."
-        ),
+        subparsers, "scrna", "integrate batches and cluster cells of an .h5ad count matrix (scVI + VMM prior)",
+        "Train scVI with a VampPrior Mixture prior on raw counts: the cells get the latent (obsm['X_vmm']) and the "
+        "clusters (obs['vmm_cluster'], obsm['vmm_cluster_probs']), with their marker genes.", OUTPUTS,
     )
     io = add_io_args(p, "AnnData file with raw counts", "layer holding the raw counts (default: X)")
     io.add_argument("--batch-key", default=None, help="obs column with the batch (omit for a single batch)")
@@ -195,14 +189,8 @@ def run(args: argparse.Namespace) -> int:
         categorical_covariate_keys=args.categorical_covariate_keys,
         continuous_covariate_keys=args.continuous_covariate_keys,
     )
-    model = VMMSCVI(
-        hvg,
-        prior=args.prior,
-        n_clusters=args.n_clusters,
-        n_latent=args.n_latent,
-        gene_likelihood=args.likelihood,
-        seed=args.seed,
-    )
+    model = VMMSCVI(hvg, prior=args.prior, n_clusters=args.n_clusters, n_latent=args.n_latent,
+                    gene_likelihood=args.likelihood, seed=args.seed)
     t_train = time.perf_counter()
     model.train(
         max_epochs=args.max_epochs,

@@ -17,7 +17,7 @@ A model family is one Pyro module in ``models/`` plus a thin subclass with three
     ``{registry key: keyword}``: the other registered fields each minibatch carries, and the keyword the module's
     methods take them by (categorical fields come as int64 codes, the rest as float32);
 ``__init__``
-    builds ``self.module`` (:meth:`_pseudo_input_counts` draws the VampPrior's pseudo-input cells) and sets
+    builds ``self.module`` with :meth:`_init_module` (seeded weights, the VampPrior's pseudo-input cells) and sets
     ``self.init_params_ = self._get_init_params(locals())``.
 
 The module is a ``PyroBaseModuleClass`` meeting :class:`~pyro_vmm.infer.AlternatingSVI`'s contract (``model`` /
@@ -42,9 +42,8 @@ training, ``on_load`` that only clears Pyro's param store (every parameter is in
 
         def __init__(self, adata, prior="vmm", n_clusters=100, n_latent=10, seed=None):
             super().__init__(adata)
-            counts = self._pseudo_input_counts(n_clusters, seed) if prior == "vmm" else None
-            self.module = self._module_cls(self.summary_stats.n_vars, self.summary_stats.n_batch, n_latent=n_latent,
-                                           prior=prior, n_clusters=n_clusters, pseudo_inputs=counts)
+            self._init_module(self.summary_stats.n_vars, self.summary_stats.n_batch, n_latent=n_latent,
+                              prior=prior, n_clusters=n_clusters, seed=seed)
             self.init_params_ = self._get_init_params(locals())
 """
 
@@ -98,15 +97,27 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         super().__init__(adata)
 
     # -------------------------------------------------------------------------------------------- for __init__
-    def _pseudo_input_counts(
-        self, n_clusters: int, seed: int | np.random.Generator | None, fields: tuple[str, ...] = ()
-    ) -> torch.Tensor:
-        """The counts ``(K, G)`` of ``K = n_clusters`` random registered cells (sorted rows; with replacement only when
-        ``K`` exceeds the cells), to start the VampPrior's pseudo-inputs from; ``seed`` or a NumPy generator;
-        ``fields``: registry keys of other registered matrices of those cells, appended as columns (e.g. proteins)."""
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(
-            seed if seed is not None else np.random.randint(2**31)
-        )
+    def _init_module(
+        self, *args, prior: str, n_clusters: int, seed: int | None, rng: np.random.Generator | None = None,
+        pseudo_fields: tuple[str, ...] = (), **kwargs,
+    ) -> None:
+        """``self.module = _module_cls(*args, prior=, n_clusters=, pseudo_inputs=, **kwargs)``, its weights drawn from
+        ``torch.manual_seed(seed)`` (torch's global RNG untouched) and, for ``vmm``/``vampprior``, its pseudo-inputs
+        started from ``K`` random registered cells (drawn by ``rng``, default one seeded by ``seed``)."""
+        if int(n_clusters) < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        rng = rng or np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
+        use_pseudo = prior.lower() in ("vmm", "vampprior")
+        pseudo = self._pseudo_input_counts(n_clusters, rng, pseudo_fields) if use_pseudo else None
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.module = self._module_cls(*args, prior=prior, n_clusters=n_clusters, pseudo_inputs=pseudo, **kwargs)
+
+    def _pseudo_input_counts(self, n_clusters: int, rng: np.random.Generator, fields: tuple[str, ...] = ()):
+        """The counts ``(K, G)`` of ``K = n_clusters`` cells drawn by ``rng`` (sorted rows; with replacement only when
+        ``K`` exceeds the cells), to start the VampPrior's pseudo-inputs from; ``fields``: registry keys of other
+        registered matrices of those cells, appended as columns (e.g. proteins); a tensor."""
         n_cells = self.summary_stats.n_cells
         rows = np.sort(rng.choice(n_cells, size=n_clusters, replace=n_clusters > n_cells))
         counts, _ = registered_arrays(self.adata_manager, rows)
@@ -390,32 +401,10 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
 
     @classmethod
     def _read_saved(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
-        """The contents of ``dir_path/model.pt`` written by :meth:`save`; clear errors for a missing, unreadable or
-        foreign file."""
-        from ..validation import InputError
+        """``dir_path/model.pt`` as written by :meth:`save` (:func:`~pyro_vmm.scvi._checkpoint.read_saved_model`)."""
+        from ._checkpoint import read_saved_model
 
-        path = Path(dir_path) / f"{prefix or ''}model.pt"
-        if not path.is_file():
-            raise InputError(f"no saved model at {str(path)!r}. Fix: pass the folder written by model.save(dir_path).")
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated, garbage, or not a torch file at all
-            raise InputError(
-                f"cannot read the saved model {str(path)!r} ({type(err).__name__}: {err}); the file is corrupted or "
-                "was not written by model.save(). Fix: save the model again, or restore the folder from a copy."
-            ) from err
-        if not isinstance(saved, dict) or "model_state_dict" not in saved or "attr_dict" not in saved:
-            raise InputError(
-                f"{str(path)!r} is not a saved scvi-tools model (no model_state_dict/attr_dict in it). "
-                f"Fix: pass the folder written by {cls.__name__}.save(dir_path)."
-            )
-        class_name = saved["attr_dict"].get("registry_", {}).get("model_name")
-        if class_name not in (None, cls.__name__):
-            raise InputError(
-                f"{str(path)!r} holds a {class_name} model, not a {cls.__name__}. Fix: load it with "
-                f"{class_name}.load(...), or pass the folder of a saved {cls.__name__}."
-            )
-        return saved
+        return read_saved_model(dir_path, cls.__name__, prefix)
 
     # -------------------------------------------------------------------------------------------- save
     def save(

@@ -56,6 +56,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "read_saved_model",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -349,3 +350,30 @@ def set_rng_state(state: dict) -> None:
                 torch.cuda.set_rng_state(s, i)
         else:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def read_saved_model(dir_path: str | os.PathLike, model_name: str, prefix: str | None = None) -> dict:
+    """The contents of ``dir_path/{prefix}model.pt`` written by ``model_name``'s ``save``; clear errors for a missing,
+    unreadable or foreign file, or one of another model class."""
+    path = Path(dir_path) / f"{prefix or ''}model.pt"
+    if not path.is_file():
+        raise InputError(f"no saved model at {str(path)!r}. Fix: pass the folder written by model.save(dir_path).")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated, garbage, or not a torch file at all
+        raise InputError(
+            f"cannot read the saved model {str(path)!r} ({type(err).__name__}: {err}); the file is corrupted or "
+            "was not written by model.save(). Fix: save the model again, or restore the folder from a copy."
+        ) from err
+    if not isinstance(saved, dict) or "model_state_dict" not in saved or "attr_dict" not in saved:
+        raise InputError(
+            f"{str(path)!r} is not a saved scvi-tools model (no model_state_dict/attr_dict in it). "
+            f"Fix: pass the folder written by {model_name}.save(dir_path)."
+        )
+    class_name = saved["attr_dict"].get("registry_", {}).get("model_name")
+    if class_name not in (None, model_name):
+        raise InputError(
+            f"{str(path)!r} holds a {class_name} model, not a {model_name}. Fix: load it with "
+            f"{class_name}.load(...), or pass the folder of a saved {model_name}."
+        )
+    return saved

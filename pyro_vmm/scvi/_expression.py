@@ -119,8 +119,7 @@ class ExpressionMixin:
 
     def get_normalized_expression(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         transform_batch: str | Number | Sequence[str | Number | None] | None = None,
         gene_list: Sequence[str] | None = None,
         library_size: float | Literal["latent"] = 1,

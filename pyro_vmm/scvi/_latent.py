@@ -68,10 +68,8 @@ class LatentMixin:
 
     def get_latent_representation(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        give_mean: bool = True,
-        mc_samples: int = 5000,
+        adata=None, indices: Sequence[int] | None = None,
+        give_mean: bool = True, mc_samples: int = 5000,
         batch_size: int | None = None,
         return_dist: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -93,10 +91,8 @@ class LatentMixin:
 
     def get_cluster_probabilities(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
-        give_mean: bool = True,
-        mc_samples: int = 100,
+        adata=None, indices: Sequence[int] | None = None,
+        give_mean: bool = True, mc_samples: int = 100,
         batch_size: int | None = None,
     ) -> np.ndarray:
         """:math:`q(c \\mid z)`, shape ``(n_cells, K)`` (``normal``: one column of ones): at the posterior mean z
@@ -141,8 +137,7 @@ class LatentMixin:
 
     def get_cluster_assignments(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         all_components: bool = False,
     ) -> np.ndarray:
@@ -160,8 +155,7 @@ class LatentMixin:
 
     def get_elbo(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         return_mean: bool = True,
     ) -> float | np.ndarray:
@@ -185,8 +179,7 @@ class LatentMixin:
 
     def get_marginal_ll(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         n_mc_samples: int = 1000,
         batch_size: int | None = None,
         return_mean: bool = True,
@@ -208,8 +201,7 @@ class LatentMixin:
 
     def get_reconstruction_error(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         return_mean: bool = True,
     ) -> dict[str, float | np.ndarray]:
@@ -221,8 +213,7 @@ class LatentMixin:
 
     def posterior_predictive_sample(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         n_samples: int = 1,
         gene_list: Sequence[str] | None = None,
         batch_size: int | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
@@ -45,12 +44,8 @@ class VMMLDVAE(ExpressionMixin, PyroVMMModel):
         """``module_kwargs``: :class:`~pyro_vmm.models.ldvae.LDVAEModule` arguments (``n_hidden``, ``n_layers``,
         ``dropout_rate``, ``gene_likelihood``, ``inference``, ...)."""
         super().__init__(adata)
-        pseudo = self._pseudo_input_counts(n_clusters, seed) if prior in ("vmm", "vampprior") else None
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.module = self._module_cls(self.summary_stats.n_vars, self.summary_stats.n_batch, n_latent=n_latent,
-                                           prior=prior, n_clusters=n_clusters, pseudo_inputs=pseudo, **module_kwargs)
+        self._init_module(self.summary_stats.n_vars, self.summary_stats.n_batch, n_latent=n_latent, prior=prior,
+                          n_clusters=n_clusters, seed=seed, **module_kwargs)
         self._model_summary_string = f"VMMLDVAE: prior={prior}, n_clusters={n_clusters}, n_latent={n_latent}"
         self.init_params_ = self._get_init_params(locals())
 

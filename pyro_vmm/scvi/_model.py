@@ -66,44 +66,20 @@ class VMMSCVI(ExpressionMixin, PyroVMMModel):
     def __init__(
         self,
         adata,
-        prior: str = "vmm",
-        n_clusters: int = 100,
-        n_latent: int = 10,
-        n_hidden: int = 128,
-        n_layers: int = 1,
-        gene_likelihood: str = "zinb",
-        dropout_rate: float = 0.1,
-        inference: str = "map-dp",
+        prior: str = "vmm", n_clusters: int = 100,
+        n_latent: int = 10, n_hidden: int = 128, n_layers: int = 1,
+        gene_likelihood: str = "zinb", dropout_rate: float = 0.1, inference: str = "map-dp",
         seed: int | None = None,
         encode_covariates: bool = DEFAULTS.encode_covariates,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
-        if int(n_clusters) < 1:
-            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
-        n_genes, n_batch = self.summary_stats.n_vars, self.summary_stats.n_batch
-        rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
-        covariate_sizes = self._covariate_sizes()
-        pseudo_counts = self._pseudo_input_counts(n_clusters, rng) if prior.lower() in ("vmm", "vampprior") else None
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.module = self._module_cls(
-                n_input=n_genes,
-                n_batch=n_batch,
-                n_latent=n_latent,
-                n_hidden=n_hidden,
-                n_layers=n_layers,
-                dropout_rate=dropout_rate,
-                gene_likelihood=gene_likelihood,
-                prior=prior,
-                n_clusters=n_clusters,
-                pseudo_inputs=pseudo_counts,
-                inference=inference,
-                encode_covariates=encode_covariates,
-                **covariate_sizes,
-                **module_kwargs,
-            )
+        self._init_module(
+            self.summary_stats.n_vars, self.summary_stats.n_batch, n_latent=n_latent, n_hidden=n_hidden,
+            n_layers=n_layers, dropout_rate=dropout_rate, gene_likelihood=gene_likelihood, prior=prior,
+            n_clusters=n_clusters, inference=inference, seed=seed, encode_covariates=encode_covariates,
+            **self._covariate_sizes(), **module_kwargs,
+        )
         self._model_summary_string = (
             f"VMMSCVI model: prior={prior}, n_clusters={self.module.prior.n_components}, n_latent={n_latent}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, gene_likelihood={gene_likelihood}, "

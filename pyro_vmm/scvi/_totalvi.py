@@ -67,27 +67,18 @@ class VMMTOTALVI(PyroVMMModel):
     def __init__(
         self,
         adata,
-        prior: str = "vmm",
-        n_clusters: int = 100,
-        n_latent: int = 20,
-        n_hidden: int = 256,
-        n_layers_encoder: int = 2,
-        n_layers_decoder: int = 1,
-        dropout_rate_encoder: float = 0.2,
-        dropout_rate_decoder: float = 0.2,
-        gene_likelihood: str = "nb",
-        inference: str = "map-dp",
+        prior: str = "vmm", n_clusters: int = 100,
+        n_latent: int = 20, n_hidden: int = 256,
+        n_layers_encoder: int = 2, n_layers_decoder: int = 1,
+        dropout_rate_encoder: float = 0.2, dropout_rate_decoder: float = 0.2,
+        gene_likelihood: str = "nb", inference: str = "map-dp",
         empirical_protein_background_prior: bool | None = None,
         seed: int | None = None,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
-        if int(n_clusters) < 1:
-            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
         stats = self.summary_stats
         rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
-        use_pseudo = prior.lower() in ("vmm", "vampprior")
-        pseudo = self._pseudo_input_counts(n_clusters, rng, fields=(PROTEINS,)) if use_pseudo else None
         if empirical_protein_background_prior is None:
             empirical_protein_background_prior = stats.n_proteins > 10
         background = {}
@@ -96,16 +87,13 @@ class VMMTOTALVI(PyroVMMModel):
             batch = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
             mean, scale = protein_background_prior(fields[PROTEINS], batch, stats.n_batch, seed=int(rng.integers(2**31)))
             background = {"protein_background_prior_mean": mean, "protein_background_prior_scale": scale}
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.module = self._module_cls(
-                stats.n_vars, stats.n_proteins, stats.n_batch, n_latent=n_latent, n_hidden=n_hidden,
-                n_layers_encoder=n_layers_encoder, n_layers_decoder=n_layers_decoder,
-                dropout_rate_encoder=dropout_rate_encoder, dropout_rate_decoder=dropout_rate_decoder,
-                gene_likelihood=gene_likelihood, prior=prior, n_clusters=n_clusters, pseudo_inputs=pseudo,
-                inference=inference, **background, **module_kwargs,
-            )
+        self._init_module(
+            stats.n_vars, stats.n_proteins, stats.n_batch, n_latent=n_latent, n_hidden=n_hidden,
+            n_layers_encoder=n_layers_encoder, n_layers_decoder=n_layers_decoder,
+            dropout_rate_encoder=dropout_rate_encoder, dropout_rate_decoder=dropout_rate_decoder,
+            gene_likelihood=gene_likelihood, prior=prior, n_clusters=n_clusters, inference=inference, seed=seed,
+            rng=rng, pseudo_fields=(PROTEINS,), **background, **module_kwargs,
+        )
         self._model_summary_string = (
             f"VMMTOTALVI model: prior={prior}, n_clusters={self.module.prior.n_components}, n_latent={n_latent}, "
             f"n_hidden={n_hidden}, gene_likelihood={gene_likelihood}, proteins={stats.n_proteins}, "
@@ -179,8 +167,7 @@ class VMMTOTALVI(PyroVMMModel):
 
     def get_normalized_expression(
         self,
-        adata=None,
-        indices: Sequence[int] | None = None,
+        adata=None, indices: Sequence[int] | None = None,
         n_samples: int = 1,
         transform_batch: str | Number | Sequence[str | Number | None] | None = None,
         gene_list: Sequence[str] | None = None,

@@ -63,14 +63,6 @@ class VMMTrainingPlan(pl.LightningModule):
     module
         A :class:`~pyro_vmm.models.scvi.VMMSCVIModule` (or any module meeting :class:`AlternatingSVI`'s contract that
         also has ``_get_fn_args_from_batch``).
-    lr
-        Adam learning rate of the VI step.
-    prior_lr_ratio
-        EM learning rate divided by ``lr``.
-    adam_eps
-        Adam epsilon of both optimisers (1e-7, Keras' default, as the reference code).
-    attach_responsibilities
-        Use the reference code's EM objective (responsibilities left on the graph).
     track_utilized_clusters
         Also log ``utilized_clusters_train`` (an argmax per step on the EM step's parameters, no host sync).
     fused_adam
@@ -89,15 +81,16 @@ class VMMTrainingPlan(pl.LightningModule):
         default 10 costs about a third as much and may also undo up to 9 good steps).
     n_epochs_kl_warmup
         Epochs of linear KL warm-up, :math:`\beta_e = \min(1, e / E_w)` (``None``: no warm-up).
+    **svi_kwargs
+        The step's settings, passed to :class:`~pyro_vmm.infer.AlternatingSVI` (``lr``, ``prior_lr_ratio``,
+        ``adam_eps``, ``attach_responsibilities``; its defaults where not given).  Its optimisers are built by
+        :meth:`configure_optimizers`.
     """
 
     def __init__(
         self,
         module: torch.nn.Module,
-        lr: float = 1e-3,
-        prior_lr_ratio: float = 1.0,
-        adam_eps: float = 1e-7,
-        attach_responsibilities: bool = False,
+        *,
         track_utilized_clusters: bool = False,
         validate_distributions: bool = False,
         fused_adam: bool = True,
@@ -106,20 +99,14 @@ class VMMTrainingPlan(pl.LightningModule):
         nan_lr_factor: float = 0.5,
         guard_every: int = 10,
         n_epochs_kl_warmup: int | None = None,
+        **svi_kwargs,
     ) -> None:
         super().__init__()
         if n_epochs_kl_warmup is not None and (isinstance(n_epochs_kl_warmup, bool) or int(n_epochs_kl_warmup) < 0):
             raise ValueError(f"n_epochs_kl_warmup must be None or an integer >= 0, got {n_epochs_kl_warmup!r}")
         self.n_epochs_kl_warmup = None if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
         self.module = module
-        self.svi = AlternatingSVI(
-            module,
-            lr=lr,
-            prior_lr_ratio=prior_lr_ratio,
-            adam_eps=adam_eps,
-            attach_responsibilities=attach_responsibilities,
-            make_optimizers=False,
-        )
+        self.svi = AlternatingSVI(module, make_optimizers=False, **svi_kwargs)
         self.automatic_optimization = False
         self.track_utilized_clusters = track_utilized_clusters
         self.validate_distributions = validate_distributions
