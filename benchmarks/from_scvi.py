@@ -5,7 +5,8 @@ Data: 2000 seurat_v3 HVGs (batch-aware, batch = ``obs["batch"]``), all cells.  A
 - ``from_scvi``: that SCVI's networks copied into a VMMSCVI (K = 100 random-cell pseudo-inputs), then
   ``train(max_epochs=--finetune-epochs)``; its time to a result counts the SCVI training too;
 - ``scratch``: ``VMMSCVI(adata, n_latent=10).train()`` at its defaults.
-Both VMMs: encode_covariates as SCVI's default (False), n_latent 10, 1 x 128 hidden, ZINB.  Scores: the number of
+Both VMMs: n_latent 10, 1 x 128 hidden, ZINB; the batch in the encoder as each starts (``from_scvi``: SCVI's
+encoder, without it; ``scratch``: the VMM default, with it).  Scores: the number of
 clusters in use, NMI of the clusters vs ``obs["cell_type"]``, and the scIB table (``pyro_vmm.evaluation.scib_table``)
 of each embedding (SCVI's latent included for reference).
 

@@ -65,7 +65,7 @@ def test_api_and_cli_share_the_defaults():
     args = parser.parse_args(["scrna", "--data", "x.h5ad", "--out", "o"])
     assert init["n_clusters"].default == args.n_clusters == DEFAULTS.n_clusters
     assert init["n_latent"].default == args.n_latent == DEFAULTS.n_latent
-    assert init["encode_covariates"].default is DEFAULTS.encode_covariates is False
+    assert init["encode_covariates"].default is DEFAULTS.encode_covariates is True
     assert train["max_epochs"].default is None and args.max_epochs is None  # both: training_epochs(n_cells)
     assert train["batch_size"].default == args.batch_size == DEFAULTS.batch_size
     assert train["lr"].default == args.lr == DEFAULTS.lr

@@ -75,3 +75,10 @@ def test_likelihood_at_fixed_z_is_the_linear_decoder_nb(kang):
     expected = nb.log_prob(x).sum(-1)
     torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-3)
     np.testing.assert_array_equal(module.get_loadings(), w.numpy())
+
+
+def test_ldvae_refuses_no_components(kang):
+    adata = kang.copy()
+    VMMLDVAE.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(ValueError, match="n_clusters must be >= 1"):
+        VMMLDVAE(adata, n_clusters=0)

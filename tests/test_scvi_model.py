@@ -386,6 +386,19 @@ def test_same_seed_same_parameters(small_adata):
     assert not torch.equal(i1["mean_encoder.weight"], other["mean_encoder.weight"])
 
 
+def test_construction_refuses_no_components_and_keeps_the_global_rng(small_adata):
+    """The one construction path (``PyroVMMModel._init_module``): K >= 1, and a seeded model draws its weights and
+    pseudo-input cells without moving torch's or NumPy's global random state."""
+    a = _setup(small_adata)
+    with pytest.raises(ValueError, match="n_clusters must be >= 1"):
+        VMMSCVI(a, prior="vmm", n_clusters=0, n_latent=4)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    model = VMMSCVI(a, prior="vmm", seed=3, **TINY)
+    assert torch.equal(torch_state, torch.get_rng_state())
+    np.testing.assert_array_equal(np_state, np.random.get_state()[1])
+    assert model.module.prior.pseudo_inputs.shape[0] == TINY["n_clusters"]
+
+
 def test_tracked_training_clusters_and_tracking_changes_nothing_else(small_adata):
     """track_utilized_clusters logs the count of clusters hit by the EM-step samples, from the EM step's own pass,
     and leaves the trained parameters exactly as without tracking."""

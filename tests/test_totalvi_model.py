@@ -61,6 +61,13 @@ def test_setup_refuses_bad_protein_counts(cite, bad, message):
         VMMTOTALVI.setup_anndata(adata, protein_expression_obsm_key=KEY, batch_key="batch")
 
 
+def test_refuses_no_components(cite):
+    adata = cite.copy()
+    VMMTOTALVI.setup_anndata(adata, protein_expression_obsm_key=KEY, batch_key="batch")
+    with pytest.raises(ValueError, match="n_clusters must be >= 1"):
+        VMMTOTALVI(adata, prior="vmm", n_clusters=0)
+
+
 def test_setup_registers_proteins_from_an_array_with_uns_names(cite):
     adata = cite.copy()
     adata.obsm["adt"] = adata.obsm[KEY].to_numpy()

@@ -54,8 +54,8 @@ class VMMSCVI(ExpressionMixin, PyroVMMModel):
     seed
         Seeds the network initialisation and the choice of the ``K`` pseudo-input cells (global RNGs untouched).
     encode_covariates
-        Give the batch to the encoder as well as the decoder (default ``False``, as ``scvi.model.SCVI``; see
-        :mod:`pyro_vmm.defaults`).
+        Give the batch to the encoder as well as the decoder (default ``True``, the reference code's encoder;
+        ``scvi.model.SCVI`` leaves it out; the reason is in :mod:`pyro_vmm.defaults`).
     **module_kwargs
         Passed to :class:`~pyro_vmm.models.scvi.VMMSCVIModule` (``var_activation``, ``pseudo_input_shift``).
     """
