@@ -75,7 +75,7 @@ def staged(out: Path, outputs: tuple[str, ...]) -> Iterator[Path]:
 
 
 def store_embedding(adata, model, on=None):
-    """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``)
+    """Write the model's latent means (``obsm["X_vmm"]``), cluster probabilities q(c|z) (``obsm["vmm_cluster_probs"]``),
     the final clusters (``obs["vmm_cluster"]``, :meth:`VMMSCVI.get_cluster_assignments`) and the map from components
     to clusters (``uns["vmm_cluster_of_component"]``) of the cells of ``on`` (default: the model's AnnData) into
     ``adata``; returns (latent, probs, assignments)."""

@@ -106,7 +106,8 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         started from ``K`` random registered cells (drawn by ``rng``, default one seeded by ``seed``)."""
         if int(n_clusters) < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
-        rng = rng or np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
+        if rng is None:
+            rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
         use_pseudo = prior.lower() in ("vmm", "vampprior")
         pseudo = self._pseudo_input_counts(n_clusters, rng, pseudo_fields) if use_pseudo else None
         with torch.random.fork_rng(devices=[]):

@@ -16,8 +16,8 @@ from scipy import sparse as sp
 from scvi import REGISTRY_KEYS, settings
 
 from ..defaults import assign_to, final_components, min_cluster_size
-from ..merging import merge_components
 from ..infer import AlternatingSVI
+from ..merging import merge_components
 from ._backed import BackedMatrix
 from ._data import MAX_DENSE_BYTES, CountsDataset, MinibatchSampler, registered_arrays
 
