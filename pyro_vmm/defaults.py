@@ -51,7 +51,7 @@ __all__ = ["DEFAULTS", "Recipe", "final_components", "min_cluster_size", "traini
 class Recipe:
     """The default settings (see the module docstring for the reason of each)."""
 
-    n_clusters: int = 100
+    n_clusters: int = 30
     n_latent: int = 10
     encode_covariates: bool = True
     batch_size: int = 128

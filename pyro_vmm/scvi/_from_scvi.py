@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..defaults import DEFAULTS
+
 __all__ = ["from_scvi_model", "scvi_architecture"]
 
 _SETUP_KEYS = (
@@ -136,7 +138,8 @@ def _show(mapping: Any) -> str:
 
 
 def from_scvi_model(
-    cls, scvi_model: Any, adata: Any = None, prior: str = "vmm", n_clusters: int = 100, seed: int | None = None,
+    cls, scvi_model: Any, adata: Any = None, prior: str = "vmm", n_clusters: int = DEFAULTS.n_clusters,
+    seed: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """A ``cls`` (VMMSCVI) on ``adata`` (default: the SCVI model's) with the SCVI model's networks; see the module

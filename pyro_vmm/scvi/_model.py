@@ -66,7 +66,7 @@ class VMMSCVI(ExpressionMixin, PyroVMMModel):
     def __init__(
         self,
         adata,
-        prior: str = "vmm", n_clusters: int = 100,
+        prior: str = "vmm", n_clusters: int = DEFAULTS.n_clusters,
         n_latent: int = 10, n_hidden: int = 128, n_layers: int = 1,
         gene_likelihood: str = "zinb", dropout_rate: float = 0.1, inference: str = "map-dp",
         seed: int | None = None,
@@ -146,7 +146,8 @@ class VMMSCVI(ExpressionMixin, PyroVMMModel):
 
     @classmethod
     def from_scvi_model(
-        cls, scvi_model, adata=None, prior: str = "vmm", n_clusters: int = 100, seed: int | None = None, **kwargs
+        cls, scvi_model, adata=None, prior: str = "vmm", n_clusters: int = DEFAULTS.n_clusters,
+        seed: int | None = None, **kwargs,
     ) -> VMMSCVI:
         """A VMMSCVI with the encoder, decoder and dispersion of a trained ``scvi.model.SCVI`` (as scvi-tools'
         ``SCANVI.from_scvi_model``), on ``adata`` (default: the SCVI model's AnnData) registered with the SCVI model's
