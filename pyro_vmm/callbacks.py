@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Iterable
 
 import lightning.pytorch as pl
+import numpy as np
 from scvi.train._progress import ProgressBar
 
-__all__ = ["EpochProgressBar", "EpochTimer"]
+__all__ = ["ComponentMerging", "EpochProgressBar", "EpochTimer"]
+
+logger = logging.getLogger(__name__)
 
 
 def _sync(pl_module: pl.LightningModule) -> None:
@@ -69,3 +74,34 @@ class EpochProgressBar(ProgressBar):
         if self.is_enabled:
             self.main_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
         super().on_train_end(trainer, pl_module)
+
+
+class ComponentMerging(pl.Callback):
+    r"""Merge moves on the mixture prior at the end of the given epochs (1-based): ``cluster_of = rule()``, the
+    cluster of each component (``-1``: dropped) computed from the cells by the final-cluster rule
+    (:func:`~pyro_vmm.merging.cluster_components`), then ``prior.merge_components(cluster_of)``: each cluster keeps
+    one component, with the weight of its whole group.
+
+    MAP-EM has no Occam factor, so it spends several components on one population, and a population whose
+    expression differs between batches can take one component per batch, which the ELBO's KL term then holds apart.
+    After a merge move the KL term pulls the group's cells to one component, and the encoder and the EM steps adapt
+    to it for the rest of the run.  Under data parallelism rank 0's grouping is used on every rank.  ``n_components`` (components with weight left, per move) and ``epochs_done``
+    record what happened."""
+
+    def __init__(self, rule: Callable[[], np.ndarray], prior, epochs: Iterable[int]) -> None:
+        self.rule, self.prior = rule, prior
+        self.epochs = sorted({int(e) for e in epochs})
+        self.epochs_done: list[int] = []
+        self.n_components: list[int] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch not in self.epochs:
+            return
+        # data-parallel: the ranks' BatchNorm running statistics differ, so rank 0's grouping is applied on every rank
+        cluster_of = np.asarray(trainer.strategy.broadcast(np.asarray(self.rule()), src=0))
+        self.prior.merge_components(cluster_of)
+        n = int(np.unique(cluster_of[cluster_of >= 0]).size)
+        self.epochs_done.append(epoch)
+        self.n_components.append(n)
+        logger.info("epoch %d: merge move, %d mixture components kept", epoch, n)

@@ -287,6 +287,30 @@ class _MixturePrior(LatentPrior):
         p = self.mixture_params(encoder) if params is None else params
         return gaussian_expected_log_lik(z, p.loc, p.prec_tril, p.loc_cov) + p.log_pi
 
+    # -- merge moves (between EM steps) -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_components(self, cluster_of: Tensor) -> None:
+        r"""A merge move on the mixture weights: ``cluster_of`` (K,) gives each component's cluster, ``-1`` for one
+        that is dropped.  In each cluster :math:`G` the component of largest weight takes the group's weight,
+        :math:`\pi_{k^*} \leftarrow \sum_{k \in G}\pi_k`; the others and the dropped ones get
+        :math:`\pi_k = e^{-30}\max_j \pi_j` (the weights are renormalised by the softmax).
+
+        A component left with (nearly) no weight stays so: the Dirichlet term
+        :math:`(\tfrac{1}{K\alpha} - 1)\log\pi_k` of the EM loss pushes its logit further down, and its cells' data term
+        gives it no responsibility to grow back from.  So the cells of a merged group are pulled, by the KL term of
+        the ELBO, towards one component, whose mean and precision the next EM steps fit to the whole group."""
+        cluster_of = torch.as_tensor(cluster_of, dtype=torch.long, device=self.logits.device).reshape(-1)
+        if cluster_of.shape != (self.n_components,):
+            raise ValueError(f"cluster_of must have one entry per component ({self.n_components}), got {tuple(cluster_of.shape)}")
+        if not (cluster_of >= 0).any():
+            raise ValueError("cluster_of drops every component; keep at least one (an entry >= 0)")
+        log_pi = torch.log_softmax(self.logits, -1)
+        new = torch.full_like(log_pi, float(log_pi.max()) - 30.0)
+        for c in torch.unique(cluster_of[cluster_of >= 0]):
+            group = torch.nonzero(cluster_of == c).squeeze(-1)
+            new[group[log_pi[group].argmax()]] = torch.logsumexp(log_pi[group], 0)
+        self.logits = new - new.max()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, inference={self.inference!r}"
 

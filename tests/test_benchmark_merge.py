@@ -81,3 +81,30 @@ def test_tuning_merge_selects_by_another_column_among_eligible_settings(tmp_path
     kang = json.loads(again.read_text())["datasets"]["kang"]
     assert len(kang["runs"]) == 4 and kang["commands"] == ["python x", "python y"]
     assert kang["selected"]["prior_lr_ratio"] == pytest.approx(2.4)
+
+
+def _defaults_run(methods: dict) -> dict:
+    scores = {"clusters": 3, "nmi": 0.9, "ari": 0.9, "Batch correction": 0.9, "Bio conservation": 0.8}
+    return {"data": "cellbench_3cl", "seed": 0, "n_labels": 3, "n_batches": 2, "n_cells": 499,
+            "methods": {m: {**scores, "train_s": t, "Total": total} for m, (t, total) in methods.items()}}
+
+
+def test_defaults_merge_joins_arms_of_one_run_and_does_not_judge_their_times(tmp_path):
+    """``benchmarks/defaults.py --merge``: an ablation's VMM arm (``--no-scvi``) joined to another file's SCVI arm
+    of the same data set and seed replaces the VMM arm; the train-time check is then not judged."""
+    defaults = pytest.importorskip("defaults")
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"command": "full", "runs": [_defaults_run({"VMM": (50, 0.84), "SCVI": (60, 0.83)})]}))
+    ablation = tmp_path / "ablation.json"
+    ablation.write_text(json.dumps({"command": "ablation", "runs": [_defaults_run({"VMM": (40, 0.86)})]}))
+    out = tmp_path / "joined.json"
+    assert defaults.main(["--merge", str(full), str(ablation), "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    (run,) = payload["runs"]
+    assert run["methods"]["VMM"]["Total"] == 0.86 and run["methods"]["SCVI"]["Total"] == 0.83
+    checks = {c["check"]: c["holds"] for c in payload["acceptance"]}
+    timing = [c for c in checks if "train" in c]
+    assert len(timing) == 1 and checks[timing[0]] is None and "not judged" in timing[0]
+    assert checks["cellbench_3cl: scIB Total 0.860 >= SCVI 0.830 + 0.01"] is True
+    assert defaults.main(["--merge", str(full), "--out", str(out)]) == 0  # one file: the times are judged
+    assert any("train 50 s <= SCVI 60 s" in c["check"] and c["holds"] for c in json.loads(out.read_text())["acceptance"])

@@ -139,6 +139,7 @@ def test_scrna_failure_leaves_no_partial_output(small_h5ad, tmp_path, monkeypatc
         (lambda a, d: a.__setitem__(a.index("cell_type"), "celltype"), "--labels-key='celltype' is not a column"),
         (lambda a, d: a.extend(["--layer", "counts"]), "layer 'counts' not found"),
         (lambda a, d: a.extend(["--lr", "-1"]), "--lr must be a positive number"),
+        (lambda a, d: a.extend(["--merge-at", "0.5", "1.5"]), "--merge-at takes fractions of the run in (0, 1]"),
     ],
 )
 def test_scrna_bad_input_gives_one_clear_error_line(small_h5ad, tmp_path, capsys, change, message):
@@ -156,6 +157,7 @@ def test_scrna_help_states_the_default_epochs():
     ).stdout
     flat = " ".join(out.split())  # argparse wraps the help text
     assert "--max-epochs" in flat and "400 up to 20,000 cells" in flat and "defaults.py" in flat and "--no-scib" in flat
+    assert "--merge-at" in flat and "[0.5, 0.75]" in flat  # the API's merge moves, DEFAULTS.merge_at
 
 
 def test_scrna_run_is_quiet_and_the_bar_shows_loss_and_clusters(shared_data, tmp_path):

@@ -6,7 +6,7 @@ from scipy.stats import multivariate_normal
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from pyro_vmm.merging import icl_merge_path, merge_components
+from pyro_vmm.merging import icl_merge_path, merge_components, ridgeline_ratio
 
 D = 10
 
@@ -76,3 +76,69 @@ def test_clusters_are_numbered_by_size_and_unused_components_get_minus_one():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="must be"):
         icl_merge_path(np.zeros((5, 2)), np.zeros(4, int))
+
+
+# -- the ridgeline ratio that orders the merge path ------------------------------------------------------------------
+def _ratio_on_a_line(w, m1, s1, m2, s2, n=20001):
+    """The same ratio by brute force in 1-D, where the ridgeline is the segment between the two means."""
+    x = np.linspace(m1, m2, n)
+    f = w * np.exp(-0.5 * ((x - m1) / s1) ** 2) / s1 + (1 - w) * np.exp(-0.5 * ((x - m2) / s2) ** 2) / s2
+    peaks = [i for i in range(n) if (i == 0 or f[i] >= f[i - 1]) and (i == n - 1 or f[i] >= f[i + 1])]
+    if len(peaks) < 2:
+        return 1.0
+    a, b = sorted(sorted(peaks, key=lambda i: -f[i])[:2])
+    return f[a : b + 1].min() / min(f[a], f[b])
+
+
+@pytest.mark.parametrize(("w", "delta", "s2"), [(0.5, 1.9, 1.0), (0.5, 2.2, 1.0), (0.5, 3.0, 1.0), (0.3, 4.0, 0.5)])
+def test_ridgeline_ratio_matches_a_brute_force_density_scan_in_one_dimension(w, delta, s2):
+    ratio = ridgeline_ratio((w, 1 - w), (np.zeros(1), np.full(1, delta)), (np.eye(1), s2**2 * np.eye(1)), n_grid=2001)
+    assert ratio == pytest.approx(_ratio_on_a_line(w, 0.0, 1.0, delta, s2), abs=2e-3)
+
+
+def test_equal_gaussians_are_unimodal_exactly_up_to_two_standard_deviations_apart():
+    """Two equal-weight, unit-variance Gaussians: one mode iff the means are at most 2 sd apart."""
+    eye = np.eye(3)
+    below = ridgeline_ratio((1, 1), (np.zeros(3), np.r_[1.98, 0, 0]), (eye, eye))
+    above = ridgeline_ratio((1, 1), (np.zeros(3), np.r_[2.1, 0, 0]), (eye, eye))
+    far = ridgeline_ratio((1, 1), (np.zeros(3), np.r_[12.0, 0, 0]), (eye, eye))
+    assert below == 1.0 and 0.99 < above < 1.0 and far < 1e-6
+
+
+def test_the_ridgeline_ratio_counts_the_modes_that_gradient_ascent_finds():
+    """In 2-D with unequal covariances: ratio 1 iff hill-climbing from many starts finds a single mode."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        means = (np.zeros(2), rng.uniform(-4, 4, 2))
+        covs = tuple(np.cov(rng.standard_normal((2, 6))) + 0.2 * np.eye(2) for _ in range(2))
+        w = (rng.uniform(0.2, 0.8), 1.0)
+        dens = [multivariate_normal(m, c) for m, c in zip(means, covs)]
+
+        def neg(x, dens=dens, w=w):
+            return -(w[0] * dens[0].pdf(x) + w[1] * dens[1].pdf(x))
+
+        starts = rng.uniform(-6, 6, (40, 2))
+        modes = [minimize(neg, s, method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-14}).x for s in starts]
+        modes = [m for m in modes if -neg(m) > 1e-8]
+        distinct = []
+        for m in modes:
+            if all(np.linalg.norm(m - d) > 1e-2 for d in distinct):
+                distinct.append(m)
+        assert (ridgeline_ratio(w, means, covs, n_grid=2001) < 1.0) == (len(distinct) > 1)
+
+
+def test_small_distinct_populations_are_not_merged_before_the_pieces_of_one_large_one():
+    """A large Gaussian cut in two, and two small populations far from it and from each other: the path joins the
+    two halves first (one mode), and the ICL-best partition is the three populations.  Ordered by the loss of fit
+    alone, the two small ones (whose merge costs few nats, being few cells) are joined first."""
+    rng = np.random.default_rng(6)
+    big = rng.standard_normal((1500, D))
+    small_a = rng.standard_normal((30, D)) + np.r_[9.0, np.zeros(D - 1)]
+    small_b = rng.standard_normal((30, D)) + np.r_[0.0, 9.0, np.zeros(D - 2)]
+    z = np.concatenate([big, small_a, small_b])
+    assign = np.concatenate([(big[:, 0] > 0).astype(int), np.full(30, 2), np.full(30, 3)])
+    path = icl_merge_path(z, assign)
+    assert sorted(map(sorted, path[1][1])) == [[0, 1], [2], [3]]
+    assert merge_components(z, assign, 4).tolist() == [0, 0, 1, 2]

@@ -317,3 +317,50 @@ def test_gaussian_mixture_equals_mixture_same_family(with_loc_cov):
     assert expanded.batch_shape == (9,) and expanded.log_prob(z).shape == (4, 9)
     assert mix.sample((5,)).shape == (5, d)
     torch.testing.assert_close(mix.mean, ref.mean)
+
+
+# -- merge moves ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gmm", "vmm"])
+def test_a_merge_move_gives_each_group_its_weight_and_keeps_the_parameter_objects(name):
+    k, d = 6, 3
+    prior = build_prior(name, d, k, pseudo_inputs=torch.randn(k, 7) if name == "vmm" else None)
+    with torch.no_grad():
+        prior.logits_unconstrained.copy_(torch.tensor([0.3, -1.0, 2.0, 0.0, 1.2, -0.4]))
+    before = torch.softmax(prior.logits, -1).detach()
+    held = prior.logits_unconstrained  # what an optimiser holds
+    prior.merge_components(torch.tensor([1, 0, 1, -1, 0, 1]))  # groups {1, 4}, {0, 2, 5}; component 3 dropped
+    after = torch.softmax(prior.logits, -1).detach()
+    kept = before[[1, 4, 0, 2, 5]].sum()
+    assert held is prior.logits_unconstrained and torch.equal(held, prior.logits_unconstrained)
+    assert after[4] == pytest.approx(float(before[[1, 4]].sum() / kept), rel=1e-5)  # the larger of its group
+    assert after[2] == pytest.approx(float(before[[0, 2, 5]].sum() / kept), rel=1e-5)
+    assert float(after[[0, 1, 3, 5]].max()) < 1e-12
+
+
+def test_merged_away_components_stay_empty_under_em_steps():
+    """After a move the Dirichlet term keeps the emptied components empty: EM steps on data from all six components'
+    region do not give them weight back."""
+    from pyro_vmm import AlternatingSVI
+
+    torch.manual_seed(0)
+    prior = build_prior("gmm", 2, 6)
+    module = torch.nn.Module()
+    module.prior = prior
+    module.model = module.guide = lambda *a, **k: None
+    svi = AlternatingSVI(module, lr=0.05)
+    z = torch.randn(256, 2)
+    for _ in range(50):
+        svi.em_step_at(z)
+    prior.merge_components(torch.tensor([0, 0, 0, 1, 1, 1]))
+    for _ in range(200):
+        svi.em_step_at(z)
+    pi = torch.softmax(prior.logits, -1).detach()
+    assert int((pi > 1e-6).sum()) == 2
+
+
+def test_a_merge_move_refuses_bad_groupings():
+    prior = build_prior("gmm", 2, 4)
+    with pytest.raises(ValueError, match="one entry per component"):
+        prior.merge_components(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="drops every component"):
+        prior.merge_components(torch.full((4,), -1))

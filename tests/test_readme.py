@@ -26,7 +26,7 @@ def test_readme_python_example_runs_and_finds_three_clusters():
 
 
 def test_readme_vmmscvi_example_runs(tmp_path, monkeypatch, shared_data):
-    """The VMM-scVI example as written, with 2 epochs and K = 10 instead of the defaults (400 epochs, K = 100)."""
+    """The VMM-scVI example as written, with 2 epochs and K = 10 instead of the defaults (400 epochs, K = 30)."""
     code = _block("pyro_vmm.VMMSCVI.setup_anndata")
     for old, new in (("model.train(seed=0)", "model.train(max_epochs=2, seed=0)"),
                      ("VMMSCVI(adata, seed=0)", "VMMSCVI(adata, n_clusters=10, seed=0)")):

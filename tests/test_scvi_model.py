@@ -48,7 +48,9 @@ def _setup(adata):
 def trained_vmm(small_adata):
     a = _setup(small_adata)
     model = VMMSCVI(a, prior="vmm", seed=0, **TINY)
-    model.train(max_epochs=2, seed=0, **TRAIN)
+    # no merge moves: after 2 epochs the latent is one blob and a move would leave one component, while the getter
+    # tests need several (the moves have their own tests)
+    model.train(max_epochs=2, seed=0, merge_at=None, **TRAIN)
     return model
 
 
@@ -707,3 +709,22 @@ def test_marginal_ll_is_the_iwae_estimate_and_rises_with_samples(trained_vmm):
     assert model.get_reconstruction_error()["reconstruction_loss"] < -one  # -E log p(x|z) < -ELBO: the KL is > 0
     with pytest.raises(ValueError, match="n_samples"):
         module.marginal_ll(x, b, n_samples=0)
+
+
+def test_merge_moves_run_at_their_epochs_and_leave_one_component_per_cluster(small_adata):
+    """``merge_at=(0.5,)`` of 4 epochs: one move at the end of epoch 2; afterwards only the kept components carry
+    weight, and the final clusters are made of them.  ``merge_at=None`` runs none (the paper's algorithm)."""
+    a = _setup(small_adata)
+    model = VMMSCVI(a, prior="vmm", seed=0, **TINY)
+    model.train(max_epochs=4, seed=0, merge_at=(0.5,), **TRAIN)
+    assert [epoch for epoch, _ in model.merge_moves_] == [2]
+    pi = torch.softmax(model.module.prior.logits, -1).detach().numpy()
+    carrying = np.flatnonzero(pi > 1e-9)
+    assert carrying.size <= model.merge_moves_[0][1]
+    assert set(np.flatnonzero(model.cluster_of_component_ >= 0)) <= set(carrying)
+    plain = VMMSCVI(a, prior="vmm", seed=0, **TINY)
+    plain.train(max_epochs=4, seed=0, merge_at=None, **TRAIN)
+    assert plain.merge_moves_ == []
+    assert (torch.softmax(plain.module.prior.logits, -1) > 1e-9).all()
+    with pytest.raises(ValueError, match="merge_at"):
+        plain.train(max_epochs=4, seed=0, merge_at=(0.0,), **TRAIN)

@@ -100,6 +100,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--patience", type=int, default=0, help="early-stopping patience in epochs (0: no early stopping, as SCVI)"
     )
+    t.add_argument(
+        "--merge-at", type=float, nargs="*", default=list(DEFAULTS.merge_at), metavar="FRACTION",
+        help="merge moves on the mixture at these fractions of the run (default: %(default)s; no value: none, the "
+        "paper's algorithm); see pyro_vmm/defaults.py",
+    )
     add_run_args(t)
     t.add_argument("--no-scib", action="store_true", help="skip the scIB metrics (they take a minute or more)")
     t.add_argument(
@@ -127,6 +132,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.n_top_genes < 0 or args.patience < 0:
         raise ValueError("--n-top-genes and --patience must be >= 0")
+    if any(not 0 < f <= 1 for f in args.merge_at):
+        raise ValueError(f"--merge-at takes fractions of the run in (0, 1], got {args.merge_at}; e.g. --merge-at 0.5 0.75")
     check_out(args.out, OUTPUTS, args.overwrite)
 
 
@@ -199,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         prior_lr_ratio=args.prior_lr_ratio,
         early_stopping=args.patience > 0,
         early_stopping_patience=max(args.patience, 1),
+        merge_at=tuple(args.merge_at),
         accelerator=args.accelerator,
         seed=args.seed,
         enable_progress_bar=not args.no_progress,

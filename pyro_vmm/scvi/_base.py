@@ -40,7 +40,7 @@ training, ``on_load`` that only clears Pyro's param store (every parameter is in
             manager.register_fields(adata, **kwargs)             # kwargs: scvi-tools' load / query transfer
             cls.register_manager(manager)
 
-        def __init__(self, adata, prior="vmm", n_clusters=100, n_latent=10, seed=None):
+        def __init__(self, adata, prior="vmm", n_clusters=30, n_latent=10, seed=None):
             super().__init__(adata)
             self._init_module(self.summary_stats.n_vars, self.summary_stats.n_batch, n_latent=n_latent,
                               prior=prior, n_clusters=n_clusters, seed=seed)
@@ -54,6 +54,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -65,7 +66,8 @@ from scvi import REGISTRY_KEYS, settings
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
-from ..defaults import DEFAULTS, training_epochs
+from ..callbacks import ComponentMerging
+from ..defaults import DEFAULTS, merge_epochs, training_epochs
 from ..quiet import quiet_lightning
 from ..utils import set_seed
 from ._data import InMemoryDataSplitter, registered_arrays, registered_fields
@@ -144,6 +146,7 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         early_stopping: bool = DEFAULTS.early_stopping,
         early_stopping_patience: int = DEFAULTS.early_stopping_patience,
         n_epochs_kl_warmup: int | None | str = "auto",
+        merge_at: Sequence[float] | None = DEFAULTS.merge_at,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         seed: int | None = None,
@@ -188,6 +191,11 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         n_epochs_kl_warmup
             Epochs of linear KL warm-up (``"auto"``: all of ``max_epochs``, as ``SCVI`` at its defaults; ``None``:
             none, the paper's loss throughout).
+        merge_at
+            Fractions of ``max_epochs`` at whose end a merge move groups the mixture components by the final-cluster
+            rule and gives each group's weight to one component (:class:`~pyro_vmm.callbacks.ComponentMerging`;
+            default half- and three-quarter-way, see :mod:`pyro_vmm.defaults`).  ``None`` or ``()``: none, the
+            paper's algorithm.
         seed
             Seeds Python, NumPy, torch, Pyro and ``scvi.settings.seed`` (the split) so a CPU run is repeatable.
         plan_kwargs
@@ -235,6 +243,7 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
             max_epochs = training_epochs(self.adata.n_obs)
         if n_epochs_kl_warmup == "auto":
             n_epochs_kl_warmup = max_epochs
+        merge_moves = merge_epochs(max_epochs, merge_at)
         resume_path = payload = None
         if checkpoint_dir is not None:
             resume_path = find_resume_checkpoint(checkpoint_dir, resume)
@@ -293,6 +302,10 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         # BatchNorm on its running statistics and dropout off
         self.module.train()
         callbacks = list(trainer_kwargs.get("callbacks") or [])
+        prior, merging = self.module.prior, None
+        if merge_moves and hasattr(prior, "merge_components") and not self.module.frozen_prior:
+            merging = ComponentMerging(self._component_clusters, prior, merge_moves)
+            trainer_kwargs["callbacks"] = callbacks = [*callbacks, merging]
         if enable_progress_bar and trainer_kwargs.get("simple_progress_bar", True):
             from lightning.pytorch.callbacks import ProgressBar
 
@@ -312,6 +325,8 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
                 **trainer_kwargs,
             )
             out = runner()
+        #: (epoch, components kept) of each merge move of this run
+        self.merge_moves_ = [] if merging is None else list(zip(merging.epochs_done, merging.n_components))
         self._set_cluster_components()
         self._numeric_history()
         return out

@@ -15,9 +15,9 @@ import torch
 from scipy import sparse as sp
 from scvi import REGISTRY_KEYS, settings
 
-from ..defaults import assign_to, final_components, min_cluster_size
+from ..defaults import assign_to, min_cluster_size
 from ..infer import AlternatingSVI
-from ..merging import merge_components
+from ..merging import cluster_components
 from ._backed import BackedMatrix
 from ._data import MAX_DENSE_BYTES, CountsDataset, MinibatchSampler, registered_arrays
 
@@ -108,22 +108,36 @@ class LatentMixin:
 
     def _set_cluster_components(self) -> None:
         """After training, fix the clusters (``cluster_of_component_``, the cluster of each of the ``K`` components,
-        ``-1`` for one that is not reported) in two label-free steps over the training cells:
+        ``-1`` for one that is not reported) in two label-free steps over the model's cells
+        (:func:`~pyro_vmm.merging.cluster_components`, the rule of the merge moves during training):
 
         1. components that are the most probable one for fewer than :func:`~pyro_vmm.defaults.min_cluster_size`
            cells are dropped, their cells going to their most probable remaining component
            (:func:`~pyro_vmm.defaults.final_components`);
-        2. the kept components are merged into clusters by the integrated completed likelihood of the latent means
+        2. the kept components are merged into clusters along the modality-ordered path of largest ICL
            (:func:`~pyro_vmm.merging.merge_components`): several Gaussian components that cover one blob of the
            latent space are one cluster.
 
         A query model keeps its reference's clusters."""
         if self.module.prior.n_components < 2 or self.module.frozen_prior:
             return
-        probs = self.get_cluster_probabilities()
-        kept = final_components(probs, min_cluster_size(probs.shape[0]))
-        latent = self.get_latent_representation()
-        self.cluster_of_component_ = merge_components(latent, assign_to(probs, kept), probs.shape[1])
+        self.cluster_of_component_ = self._component_clusters()
+
+    def _component_clusters(self) -> np.ndarray:
+        """The cluster of each of the ``K`` components (``-1``: not reported) by
+        :func:`~pyro_vmm.merging.cluster_components`, on the model's cells as the model is now."""
+        latent, probs = self._means_and_cluster_probs()
+        return cluster_components(latent, probs, min_cluster_size(probs.shape[0]))
+
+    def _means_and_cluster_probs(self) -> tuple[np.ndarray, np.ndarray]:
+        r"""The latent means :math:`E_q[z \mid x]` (N, D) and :math:`q(c \mid z)` at them (N, K) of the model's cells,
+        in one pass and without the trained-model check (the merge moves call it during training)."""
+        means, probs = [], []
+        with torch.inference_mode():
+            for x, b, c in self._minibatch_args():
+                means.append(self.module.latent_mean(x, b, **c).cpu().numpy())
+                probs.append(self.module.cluster_probs(x, b, **c).cpu().numpy())
+        return np.concatenate(means, axis=0), np.concatenate(probs, axis=0)
 
     def clusters_from_probabilities(self, probs: np.ndarray, all_components: bool = False) -> np.ndarray:
         """Clusters from :meth:`get_cluster_probabilities`: the most probable of the reported components, mapped to

@@ -15,6 +15,7 @@ from scvi.data.fields import CategoricalObsField, LayerField
 
 from pyro_vmm.models.ldvae import LDVAEModule
 
+from ..defaults import DEFAULTS
 from ._base import PyroVMMModel
 from ._expression import ExpressionMixin
 
@@ -39,7 +40,7 @@ class VMMLDVAE(ExpressionMixin, PyroVMMModel):
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
-    def __init__(self, adata, prior: str = "vmm", n_clusters: int = 100, n_latent: int = 10,
+    def __init__(self, adata, prior: str = "vmm", n_clusters: int = DEFAULTS.n_clusters, n_latent: int = 10,
                  seed: int | None = None, **module_kwargs) -> None:
         """``module_kwargs``: :class:`~pyro_vmm.models.ldvae.LDVAEModule` arguments (``n_hidden``, ``n_layers``,
         ``dropout_rate``, ``gene_likelihood``, ``inference``, ...)."""

@@ -1,7 +1,7 @@
 r"""``VMMSCVI``: scVI with a VampPrior Mixture prior, driven like ``scvi.model.SCVI``.
 
 >>> VMMSCVI.setup_anndata(adata, batch_key="batch")
->>> model = VMMSCVI(adata, prior="vmm", n_clusters=100)
+>>> model = VMMSCVI(adata, prior="vmm", n_clusters=30)
 >>> model.train(seed=0)
 >>> adata.obsm["X_vmm"] = model.get_latent_representation()         # E_q[z | x]
 >>> adata.obs["vmm_cluster"] = model.get_cluster_assignments()      # argmax_k q(c = k | E_q[z | x])

@@ -2,7 +2,7 @@ r"""``VMMTOTALVI``: totalVI (RNA + surface proteins, CITE-seq) with a VampPrior 
 ``scvi.model.TOTALVI``.
 
 >>> VMMTOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression", batch_key="batch")
->>> model = VMMTOTALVI(adata, prior="vmm", n_clusters=100)
+>>> model = VMMTOTALVI(adata, prior="vmm", n_clusters=30)
 >>> model.train(seed=0)
 >>> adata.obsm["X_vmm"] = model.get_latent_representation()         # E_q[z | x, y, s]
 >>> adata.obs["vmm_cluster"] = model.get_cluster_assignments()      # argmax_k q(c = k | E_q[z | x, y, s])
@@ -30,6 +30,7 @@ from scvi.data.fields import CategoricalObsField, LayerField, ProteinObsmField
 
 from pyro_vmm.models.totalvi import VMMTOTALVIModule, protein_background_prior
 
+from ..defaults import DEFAULTS
 from ._base import PyroVMMModel
 from ._expression import ExpressionMixin
 
@@ -67,7 +68,7 @@ class VMMTOTALVI(PyroVMMModel):
     def __init__(
         self,
         adata,
-        prior: str = "vmm", n_clusters: int = 100,
+        prior: str = "vmm", n_clusters: int = DEFAULTS.n_clusters,
         n_latent: int = 20, n_hidden: int = 256,
         n_layers_encoder: int = 2, n_layers_decoder: int = 1,
         dropout_rate_encoder: float = 0.2, dropout_rate_decoder: float = 0.2,
