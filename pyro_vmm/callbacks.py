@@ -77,22 +77,21 @@ class EpochProgressBar(ProgressBar):
 
 
 class ComponentMerging(pl.Callback):
-    r"""Merge moves on the mixture prior at the end of the given epochs (1-based): ``cluster_of = rule()``, the
-    cluster of each component (``-1``: dropped) computed from the cells by the final-cluster rule
-    (:func:`~pyro_vmm.merging.cluster_components`), then ``prior.merge_components(cluster_of)``: each cluster keeps
-    one component, with the weight of its whole group.
+    r"""Merge moves on the mixture prior (``pl_module.module.prior``) at the end of the given epochs (1-based):
+    ``cluster_of = rule()``, the cluster of each component (``-1``: dropped) computed from the cells by the
+    final-cluster rule (:func:`~pyro_vmm.merging.cluster_components`), then ``prior.merge_components(cluster_of)``:
+    each cluster keeps one component, with the weight of its whole group.
 
     MAP-EM has no Occam factor, so it spends several components on one population, and a population whose
     expression differs between batches can take one component per batch, which the ELBO's KL term then holds apart.
     After a merge move the KL term pulls the group's cells to one component, and the encoder and the EM steps adapt
-    to it for the rest of the run.  Under data parallelism rank 0's grouping is used on every rank.  ``n_components`` (components with weight left, per move) and ``epochs_done``
-    record what happened."""
+    to it for the rest of the run.  Under data parallelism rank 0's grouping is used on every rank.  ``moves``
+    records ``(epoch, components kept)`` of each move."""
 
-    def __init__(self, rule: Callable[[], np.ndarray], prior, epochs: Iterable[int]) -> None:
-        self.rule, self.prior = rule, prior
+    def __init__(self, rule: Callable[[], np.ndarray], epochs: Iterable[int]) -> None:
+        self.rule = rule
         self.epochs = sorted({int(e) for e in epochs})
-        self.epochs_done: list[int] = []
-        self.n_components: list[int] = []
+        self.moves: list[tuple[int, int]] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -100,8 +99,6 @@ class ComponentMerging(pl.Callback):
             return
         # data-parallel: the ranks' BatchNorm running statistics differ, so rank 0's grouping is applied on every rank
         cluster_of = np.asarray(trainer.strategy.broadcast(np.asarray(self.rule()), src=0))
-        self.prior.merge_components(cluster_of)
-        n = int(np.unique(cluster_of[cluster_of >= 0]).size)
-        self.epochs_done.append(epoch)
-        self.n_components.append(n)
-        logger.info("epoch %d: merge move, %d mixture components kept", epoch, n)
+        pl_module.module.prior.merge_components(cluster_of)
+        self.moves.append((epoch, int(np.unique(cluster_of[cluster_of >= 0]).size)))
+        logger.info("epoch %d: merge move, %d mixture components kept", *self.moves[-1])

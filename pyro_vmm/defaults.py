@@ -58,7 +58,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULTS", "Recipe", "final_components", "merge_epochs", "min_cluster_size", "training_epochs"]
+__all__ = [
+    "DEFAULTS", "Recipe", "check_merge_at", "final_components", "merge_epochs", "min_cluster_size", "training_epochs",
+]
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,20 @@ def training_epochs(n_cells: int, recipe: Recipe = DEFAULTS) -> int:
     return max(1, min(recipe.max_epochs_cap, int(epochs)))
 
 
-def merge_epochs(max_epochs: int, merge_at=DEFAULTS.merge_at) -> list[int]:
-    r"""The (1-based) epochs at whose end the merge moves run: :math:`\max(1, \mathrm{round}(f E))` for each fraction
-    :math:`f \in (0, 1]` of ``merge_at`` (``None`` or empty: none)."""
+def check_merge_at(merge_at, name: str = "merge_at") -> tuple[float, ...]:
+    """``merge_at`` as a tuple of fractions of the run in (0, 1] (``None``: empty); a ``ValueError`` otherwise."""
     fractions = tuple(merge_at or ())
     bad = [f for f in fractions if isinstance(f, bool) or not 0 < float(f) <= 1]
     if bad:
-        raise ValueError(f"merge_at takes fractions of the run in (0, 1], got {bad}; e.g. merge_at=(0.5, 0.75)")
-    return sorted({max(1, round(float(f) * max_epochs)) for f in fractions})
+        example = f"{name} 0.5 0.75" if name.startswith("--") else f"{name}=(0.5, 0.75)"
+        raise ValueError(f"{name} takes fractions of the run in (0, 1], got {bad}; e.g. {example}")
+    return tuple(float(f) for f in fractions)
+
+
+def merge_epochs(max_epochs: int, merge_at=DEFAULTS.merge_at) -> list[int]:
+    r"""The (1-based) epochs at whose end the merge moves run: :math:`\max(1, \mathrm{round}(f E))` for each fraction
+    :math:`f \in (0, 1]` of ``merge_at`` (``None`` or empty: none)."""
+    return sorted({max(1, round(f * max_epochs)) for f in check_merge_at(merge_at)})
 
 
 def min_cluster_size(n_cells: int, recipe: Recipe = DEFAULTS) -> int:

@@ -154,6 +154,8 @@ def icl_merge_path(z: np.ndarray, assign: np.ndarray, nu: float | None = None) -
                 score(i, k)
         path.append((sum(fit[k] for k in alive) - penalty * len(alive), [groups[k][:] for k in alive]))
     return path
+
+
 def merge_components(z: np.ndarray, assign: np.ndarray, n_components: int, nu: float | None = None) -> np.ndarray:
     """The cluster of each of ``n_components`` mixture components: the ICL-best partition of
     :func:`icl_merge_path`, clusters numbered ``0, 1, ...`` by decreasing number of cells, ``-1`` for components

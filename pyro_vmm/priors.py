@@ -301,7 +301,9 @@ class _MixturePrior(LatentPrior):
         the ELBO, towards one component, whose mean and precision the next EM steps fit to the whole group."""
         cluster_of = torch.as_tensor(cluster_of, dtype=torch.long, device=self.logits.device).reshape(-1)
         if cluster_of.shape != (self.n_components,):
-            raise ValueError(f"cluster_of must have one entry per component ({self.n_components}), got {tuple(cluster_of.shape)}")
+            raise ValueError(
+                f"cluster_of must have one entry per component ({self.n_components}), got {tuple(cluster_of.shape)}"
+            )
         if not (cluster_of >= 0).any():
             raise ValueError("cluster_of drops every component; keep at least one (an entry >= 0)")
         log_pi = torch.log_softmax(self.logits, -1)

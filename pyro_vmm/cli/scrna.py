@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pyro_vmm.defaults import DEFAULTS
+from pyro_vmm.defaults import DEFAULTS, check_merge_at
 from pyro_vmm.outputs import environment, json_safe, last_value, on_model_genes, staged, store_embedding
 
 from . import add_command, add_io_args
@@ -132,8 +132,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.n_top_genes < 0 or args.patience < 0:
         raise ValueError("--n-top-genes and --patience must be >= 0")
-    if any(not 0 < f <= 1 for f in args.merge_at):
-        raise ValueError(f"--merge-at takes fractions of the run in (0, 1], got {args.merge_at}; e.g. --merge-at 0.5 0.75")
+    check_merge_at(args.merge_at, "--merge-at")
     check_out(args.out, OUTPUTS, args.overwrite)
 
 

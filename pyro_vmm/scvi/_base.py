@@ -53,8 +53,8 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -192,10 +192,8 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
             Epochs of linear KL warm-up (``"auto"``: all of ``max_epochs``, as ``SCVI`` at its defaults; ``None``:
             none, the paper's loss throughout).
         merge_at
-            Fractions of ``max_epochs`` at whose end a merge move groups the mixture components by the final-cluster
-            rule and gives each group's weight to one component (:class:`~pyro_vmm.callbacks.ComponentMerging`;
-            default half- and three-quarter-way, see :mod:`pyro_vmm.defaults`).  ``None`` or ``()``: none, the
-            paper's algorithm.
+            Fractions of ``max_epochs`` at whose end the mixture's components are merged by the final-cluster rule
+            (:class:`~pyro_vmm.callbacks.ComponentMerging`, :mod:`pyro_vmm.defaults`); ``None``: none (the paper).
         seed
             Seeds Python, NumPy, torch, Pyro and ``scvi.settings.seed`` (the split) so a CPU run is repeatable.
         plan_kwargs
@@ -243,7 +241,7 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
             max_epochs = training_epochs(self.adata.n_obs)
         if n_epochs_kl_warmup == "auto":
             n_epochs_kl_warmup = max_epochs
-        merge_moves = merge_epochs(max_epochs, merge_at)
+        merging = ComponentMerging(self._component_clusters, merge_epochs(max_epochs, merge_at))  # checks merge_at
         resume_path = payload = None
         if checkpoint_dir is not None:
             resume_path = find_resume_checkpoint(checkpoint_dir, resume)
@@ -302,9 +300,7 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
         # BatchNorm on its running statistics and dropout off
         self.module.train()
         callbacks = list(trainer_kwargs.get("callbacks") or [])
-        prior, merging = self.module.prior, None
-        if merge_moves and hasattr(prior, "merge_components") and not self.module.frozen_prior:
-            merging = ComponentMerging(self._component_clusters, prior, merge_moves)
+        if merging.epochs and hasattr(self.module.prior, "merge_components") and not self.module.frozen_prior:
             trainer_kwargs["callbacks"] = callbacks = [*callbacks, merging]
         if enable_progress_bar and trainer_kwargs.get("simple_progress_bar", True):
             from lightning.pytorch.callbacks import ProgressBar
@@ -325,8 +321,7 @@ class PyroVMMModel(LatentMixin, BaseModelClass):
                 **trainer_kwargs,
             )
             out = runner()
-        #: (epoch, components kept) of each merge move of this run
-        self.merge_moves_ = [] if merging is None else list(zip(merging.epochs_done, merging.n_components))
+        self.merge_moves_ = merging.moves  # (epoch, components kept) of each merge move of this run
         self._set_cluster_components()
         self._numeric_history()
         return out

@@ -131,12 +131,15 @@ class LatentMixin:
 
     def _means_and_cluster_probs(self) -> tuple[np.ndarray, np.ndarray]:
         r"""The latent means :math:`E_q[z \mid x]` (N, D) and :math:`q(c \mid z)` at them (N, K) of the model's cells,
-        in one pass and without the trained-model check (the merge moves call it during training)."""
+        one encoder pass per minibatch and without the trained-model check (the merge moves call it in training)."""
+        prior = self.module.prior
+        encoder = getattr(self.module, "pseudo_posterior", None) if prior.uses_encoder else None
         means, probs = [], []
         with torch.inference_mode():
             for x, b, c in self._minibatch_args():
-                means.append(self.module.latent_mean(x, b, **c).cpu().numpy())
-                probs.append(self.module.cluster_probs(x, b, **c).cpu().numpy())
+                z = self.module.latent_mean(x, b, **c)
+                means.append(z.cpu().numpy())
+                probs.append(prior.cluster_probs(z, encoder).cpu().numpy())
         return np.concatenate(means, axis=0), np.concatenate(probs, axis=0)
 
     def clusters_from_probabilities(self, probs: np.ndarray, all_components: bool = False) -> np.ndarray:
